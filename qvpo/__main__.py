@@ -1,0 +1,5 @@
+import sys
+
+from qvpo.cli import main
+
+sys.exit(main())

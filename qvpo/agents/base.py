@@ -1,0 +1,41 @@
+"""The interface every agent offers the trainer.
+
+An agent never touches MLflow, files or environments: it maps observations to actions and
+a replay buffer to a parameter update, and returns its metrics as tensors (no host sync; the
+trainer reads them every `log_every` steps).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from qvpo.buffers import ReplayBuffer
+from qvpo.timing import PhaseTimer
+
+
+class Agent(abc.ABC):
+    """Built by the trainer as AgentClass(obs_dim=, action_dim=, device=, total_steps=, timer=)."""
+
+    batch_size: int
+    device: torch.device
+    timer: PhaseTimer
+
+    @abc.abstractmethod
+    def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
+        """obs (N, S) on self.device -> actions (N, A) in [-1, 1].
+
+        explore=True is the behaviour policy (data collection), False the evaluation policy.
+        """
+
+    @abc.abstractmethod
+    def update(self, buffer: ReplayBuffer, step: int) -> dict[str, torch.Tensor | float]:
+        """One gradient update at env step `step`; returns metrics named `group/name`."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to continue training: networks, targets, optimisers."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,193 @@
+"""QVPO: Q-weighted Variational Policy Optimization (Ding et al., NeurIPS 2024, arXiv 2405.16173).
+
+One update, as the reference code does it (shared/paper/QVPO.md, "The algorithm"):
+  1. critic: a' = best of Kt candidates of the EMA target policy at s', scored by the target
+     critic; y = r + gamma (1 - terminal) min(Q1', Q2')(s', a'); loss = MSE(Q1, y) + MSE(Q2, y).
+  2. policy samples: a fresh minibatch; Nd candidates per state from the online policy, scored by
+     min(Q1, Q2) of the just-updated critic.
+  3. Q-weight: keep the best candidate a*, weight w(s) = transform(Q) (qadv: max(Q(a*) - V, 0)).
+  4. entropy term: Ne uniform actions per state, each weighted omega_ent * w(s).
+  5. Q-weighted variational loss: the weighted denoising loss over the B best and B*Ne uniform rows.
+  6. soft target updates (critic and EMA policy), tau = 0.005.
+Acting: best of Kb candidates by min Q (behaviour), best of 32 (evaluation).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import gin
+import torch
+
+from qvpo.agents.base import Agent
+from qvpo.buffers import ReplayBuffer
+from qvpo.diffusion import DiffusionPolicy
+from qvpo.errors import require, require_int
+from qvpo.nets import TwinQ
+from qvpo.optim import adam, clip_and_step, soft_update
+from qvpo.schedules import LinearDecay
+from qvpo.timing import PhaseTimer
+from qvpo.weights import QAdv, QWeight
+
+
+@torch.no_grad()
+def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K-efficient policy: argmax over k sampled actions of min(Q1, Q2).
+
+    Returns (best actions (B, A), Q of all candidates (B, k)). With k = 1 the critic is skipped.
+    """
+    B = states.shape[0]
+    candidates = policy.sample(states, k)  # (B, k, A)
+    if k == 1:
+        return candidates[:, 0], torch.zeros(B, 1, device=states.device)
+    q = critic.q_min(states.repeat_interleave(k, dim=0), candidates.flatten(0, 1)).view(B, k)
+    best = q.argmax(dim=1)
+    return candidates[torch.arange(B, device=states.device), best], q
+
+
+@gin.configurable
+class QVPO(Agent):
+    """QVPO agent. Every default is the reference code's (QVPO.md); gin/algos/qvpo.gin restates them.
+
+    Args:
+      batch_size: minibatch size, for the critic and (separately drawn) for the policy step.
+      gamma: discount.
+      tau: soft-update rate of the target critic and the EMA target policy.
+      policy_lr, critic_lr: Adam learning rates.
+      grad_clip: max gradient norm for both networks (None = no clip).
+      train_candidates: Nd, policy samples per state for the policy step.
+      uniform_samples: Ne, uniform actions per state in the entropy term.
+      behavior_candidates: Kb, candidates when acting in the env.
+      target_candidates: Kt, candidates of the target policy for the critic target.
+      eval_candidates: candidates when evaluating.
+      q_weight: the Q-weight transform (qvpo.weights); None = QAdv(), the reference's qadv.
+      entropy_weight: schedule of omega_ent over env steps (qvpo.schedules); None =
+        LinearDecay(), the reference code's decay from 0.02 to 0.002.
+      shared_batch: reuse the critic's minibatch for the policy step (a deviation from the
+        reference, which draws a fresh one; off by default).
+      optimizer: optimiser factory, called as optimizer(params, lr=...).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
+                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
+                 batch_size: int = 256,
+                 gamma: float = 0.99,
+                 tau: float = 0.005,
+                 policy_lr: float = 1e-4,
+                 critic_lr: float = 3e-4,
+                 grad_clip: float | None = 2.0,
+                 train_candidates: int = 64,
+                 uniform_samples: int = 10,
+                 behavior_candidates: int = 4,
+                 target_candidates: int = 4,
+                 eval_candidates: int = 32,
+                 q_weight: QWeight | None = None,
+                 entropy_weight: Callable[[int, int], float] | None = None,
+                 shared_batch: bool = False,
+                 optimizer: Callable[..., torch.optim.Optimizer] = adam):
+        for name, value in [("batch_size", batch_size), ("train_candidates (Nd)", train_candidates),
+                            ("behavior_candidates (Kb)", behavior_candidates),
+                            ("target_candidates (Kt)", target_candidates),
+                            ("eval_candidates", eval_candidates)]:
+            require_int(value, f"QVPO.{name}", 1)
+        require_int(uniform_samples, "QVPO.uniform_samples (Ne)", 0)
+        require(0 <= gamma <= 1, f"QVPO.gamma must be in [0, 1], got {gamma}")
+        require(0 < tau <= 1, f"QVPO.tau must be in (0, 1], got {tau}")
+        require(policy_lr > 0 and critic_lr > 0,
+                f"QVPO learning rates must be > 0, got policy_lr={policy_lr}, critic_lr={critic_lr}")
+        self.device = torch.device(device)
+        self.total_steps = total_steps
+        self.timer = timer or PhaseTimer(self.device)
+        self.batch_size, self.gamma, self.tau, self.grad_clip = batch_size, gamma, tau, grad_clip
+        self.Nd, self.Ne = train_candidates, uniform_samples
+        self.Kb, self.Kt, self.K_eval = behavior_candidates, target_candidates, eval_candidates
+        self.shared_batch = shared_batch
+        self.action_dim = action_dim
+
+        self.policy = DiffusionPolicy(obs_dim, action_dim).to(self.device)
+        self.policy_target = copy.deepcopy(self.policy).requires_grad_(False)  # EMA policy
+        self.critic = TwinQ(obs_dim, action_dim).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.q_weight = (q_weight if q_weight is not None else QAdv()).to(self.device)
+        self.entropy_weight = entropy_weight or LinearDecay()
+        self.policy_opt = optimizer(self.policy.parameters(), lr=policy_lr)
+        self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
+
+    # ---------------------------------------------------------------- acting
+    def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
+        k = self.Kb if explore else self.K_eval
+        action, _ = best_of_candidates(self.policy, self.critic, obs, k)
+        return action
+
+    # ---------------------------------------------------------------- learning
+    def update(self, buffer: ReplayBuffer, step: int) -> dict[str, torch.Tensor | float]:
+        timer = self.timer
+        # 1. critic: clipped double-Q towards the best of Kt target-policy candidates
+        batch = buffer.sample(self.batch_size)
+        with timer.phase("sampling"):
+            next_action, _ = best_of_candidates(self.policy_target, self.critic_target,
+                                                batch.next_obs, self.Kt)
+        with timer.phase("critic"):
+            with torch.no_grad():
+                q_next = self.critic_target.q_min(batch.next_obs, next_action)
+                y = batch.reward + self.gamma * (1.0 - batch.terminal) * q_next
+            q1, q2 = self.critic(batch.obs, batch.action)
+            critic_loss = (q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()
+            self.critic_opt.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            critic_grad = clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
+
+        # 2. Nd candidates per state of a fresh minibatch, scored by the updated critic
+        states = batch.obs if self.shared_batch else buffer.sample(self.batch_size).obs
+        B, A = states.shape[0], self.action_dim
+        with timer.phase("sampling"):
+            best_action, q = best_of_candidates(self.policy, self.critic, states, self.Nd)
+
+        with timer.phase("actor"):
+            # 3. the weight of each state's best candidate
+            w = self.q_weight(q).detach()
+            # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
+            omega = self.entropy_weight(step, self.total_steps)
+            uniform = torch.rand(B * self.Ne, A, device=self.device) * 2.0 - 1.0
+            # 5. one weighted denoising loss over both blocks (mean over all B + B*Ne rows)
+            loss_states = torch.cat([states, states.repeat_interleave(self.Ne, dim=0)])
+            loss_actions = torch.cat([best_action, uniform])
+            loss_weights = torch.cat([w, (omega * w).repeat_interleave(self.Ne)])
+            policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights)
+            self.policy_opt.zero_grad(set_to_none=True)
+            policy_loss.backward()
+            policy_grad = clip_and_step(self.policy_opt, self.policy.parameters(), self.grad_clip)
+
+            # 6. targets
+            soft_update(self.critic_target, self.critic, self.tau)
+            soft_update(self.policy_target, self.policy, self.tau)
+
+        return {
+            "loss/critic": critic_loss.detach(),
+            "loss/actor": policy_loss.detach(),
+            "q/mean": q1.detach().mean(),
+            "q/target_mean": y.mean(),
+            "q/candidates_mean": q.mean(),
+            "q/candidates_std": q.std(dim=1).mean(),
+            "qweight/mean": w.mean(),
+            "qweight/frac_zero": (w == 0).float().mean(),
+            "entropy/weight": omega,
+            "grad/critic_norm": critic_grad.detach(),
+            "grad/actor_norm": policy_grad.detach(),
+        }
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "policy": self.policy.state_dict(), "policy_target": self.policy_target.state_dict(),
+            "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+            "q_weight": self.q_weight.state_dict(),
+            "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
+                     "policy_opt", "critic_opt"):
+            getattr(self, name).load_state_dict(state[name])

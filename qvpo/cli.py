@@ -1,0 +1,132 @@
+"""Command line: `qvpo train ...` and `qvpo ui` (also `python -m qvpo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from qvpo.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvpo", description="QVPO and baselines, configured with gin, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one agent on one task (one MLflow run)",
+                       description="Parse gin files, then --bind bindings, then the shorthand flags "
+                                   "(each one a binding under another name, so they override the files).")
+    t.add_argument("--gin", action="append", default=[], metavar="FILE",
+                   help="gin file (repeatable; path, or relative to gin/). Default: gin/algos/<algo>.gin")
+    t.add_argument("--bind", action="append", default=[], metavar="'Name.param = value'",
+                   help="gin binding (repeatable)")
+    t.add_argument("--algo", help="algorithm (Trainer.agent); default: the gin files' choice, else qvpo")
+    t.add_argument("--env", help="Gymnasium task id (Trainer.env_id), e.g. Hopper-v5")
+    t.add_argument("--steps", type=int, help="env steps (Trainer.total_steps)")
+    t.add_argument("--seed", type=int, help="seed (Trainer.seed)")
+    t.add_argument("--experiment", help="MLflow experiment (MlflowTracker.experiment)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    t.add_argument("--device", help="auto | cpu | cuda (Trainer.device)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print links to the runs")
+    u.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--experiment", default="qvpo", help="experiment to link to")
+    return p
+
+
+def train(args: argparse.Namespace) -> int:
+    import gin
+
+    from qvpo import config
+    from qvpo.tracking import MlflowTracker, flat_params, run_tags
+    from qvpo.train import Trainer
+
+    # 1. config: files, then bindings, then shorthands (all before anything is built)
+    algo = args.algo
+    gin_files = args.gin or [f"algos/{algo or 'qvpo'}.gin"]
+    bindings = list(args.bind) + config.shorthand_bindings(
+        algo=algo, env=args.env, steps=args.steps, seed=args.seed, experiment=args.experiment,
+        tracking_uri=args.tracking_uri, device=args.device)
+    if args.quiet:
+        bindings.append("Trainer.progress = False")
+    config.parse(gin_files, bindings)
+
+    # 2. build env, buffer and agent (validates every value), and check the store: still no run
+    try:
+        trainer = Trainer()
+        tracker = MlflowTracker()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(config.one_line(e)) from None
+    tracker.check()
+
+    # 3. the MLflow run, with the operative config of everything built above
+    algo_name = type(trainer.agent).__name__
+    run_id = tracker.start(run_name=f"{algo_name}-{trainer.env_id}-s{trainer.seed}",
+                           params=flat_params(), config_str=gin.operative_config_str(),
+                           tags={**run_tags(str(trainer.device)), "algo": algo_name,
+                                 "env_id": trainer.env_id, "seed": str(trainer.seed)})
+    print(f"MLflow run {run_id} in experiment {tracker.experiment!r} at {tracker.uri}", file=sys.stderr)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qvpo-run-") as out:
+            result = trainer.run(tracker.log, Path(out))
+            tracker.flush()
+            tracker.log_artifacts(Path(out))
+    except KeyboardInterrupt:
+        tracker.end("KILLED", "interrupted by the user (SIGINT)")
+        print(f"run_id: {run_id} (killed)")
+        return 130
+    except BaseException as e:
+        tracker.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        trainer.close()
+    tracker.end("FINISHED")
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    print(f"run_id: {run_id}")
+    print(f"final eval return: {fmt(result.final_eval)}")
+    print(f"best eval return: {fmt(result.best_eval)}")
+    return 0
+
+
+def ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from qvpo.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(uri).get_experiment_by_name(args.experiment)
+    except Exception:  # noqa: BLE001 - the links are a convenience
+        exp = None
+    print(f"MLflow UI for {uri} at {base}")
+    if exp is not None:
+        print(f"  runs table:        {base}/#/experiments/{exp.experiment_id}/runs")
+        print(f"  metrics as charts: {base}/#/experiments/{exp.experiment_id}/runs?compareRunsMode=CHART")
+    print("  (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": train, "ui": ui}[args.command](args)
+    except ConfigError as e:
+        print(f"qvpo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

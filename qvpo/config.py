@@ -1,0 +1,83 @@
+"""gin set-up: registration of every configurable, parsing of files and bindings, shorthands.
+
+Dopamine's convention: every hyperparameter is a keyword argument with a default on a
+`@gin.configurable` constructor; files and bindings are parsed with skip_unknown=False, so a
+misspelled name is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+
+# importing these registers their configurables with gin
+import qvpo.agents  # noqa: F401
+import qvpo.buffers  # noqa: F401
+import qvpo.diffusion  # noqa: F401
+import qvpo.envs  # noqa: F401
+import qvpo.nets  # noqa: F401
+import qvpo.optim  # noqa: F401
+import qvpo.schedules  # noqa: F401
+import qvpo.tracking  # noqa: F401
+import qvpo.train  # noqa: F401
+import qvpo.weights  # noqa: F401
+from qvpo.agents import ALGORITHMS
+from qvpo.errors import ConfigError
+
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+def find_gin_file(name: str) -> Path:
+    """A path as given, else relative to the repository's gin/ directory."""
+    for candidate in (Path(name), GIN_DIR / name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"gin file {name!r} not found (looked in the working directory and {GIN_DIR})")
+
+
+def algo_binding(algo: str) -> str:
+    if algo not in ALGORITHMS:
+        raise ConfigError(f"unknown --algo {algo!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
+    return f"Trainer.agent = @{ALGORITHMS[algo]}"
+
+
+def parse(gin_files: list[str], bindings: list[str]) -> None:
+    """Clear gin, then parse files (in order) and bindings (after them, so they override).
+
+    Every failure becomes a ConfigError whose first line names the problem.
+    """
+    paths = [str(find_gin_file(f)) for f in gin_files]
+    gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DIR))
+    try:
+        gin.parse_config_files_and_bindings(paths, bindings, skip_unknown=False,
+                                            finalize_config=False)
+    except ConfigError:
+        raise
+    except (ValueError, SyntaxError, TypeError, KeyError, NameError, IOError) as e:
+        raise ConfigError(f"gin config: {one_line(e)}") from None
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (gin appends long context after it)."""
+    text = str(e).strip()
+    if isinstance(e, SyntaxError) and e.msg:
+        where = f" ({e.filename or 'bindings'}, line {e.lineno})" if e.lineno else ""
+        return f"syntax error: {e.msg}{where}: {(e.text or '').strip()}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def shorthand_bindings(algo: str | None = None, env: str | None = None, steps: int | None = None,
+                       seed: int | None = None, experiment: str | None = None,
+                       tracking_uri: str | None = None, device: str | None = None) -> list[str]:
+    """The CLI's shorthand flags as the gin bindings they stand for."""
+    out = []
+    if algo is not None:
+        out.append(algo_binding(algo))
+    for target, value in [("Trainer.env_id", env), ("Trainer.total_steps", steps),
+                          ("Trainer.seed", seed), ("MlflowTracker.experiment", experiment),
+                          ("MlflowTracker.tracking_uri", tracking_uri), ("Trainer.device", device)]:
+        if value is not None:
+            out.append(f"{target} = {value!r}")
+    return out

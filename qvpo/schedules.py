@@ -1,0 +1,36 @@
+"""Scalar schedules over env steps (the entropy weight omega_ent of QVPO)."""
+
+from __future__ import annotations
+
+import gin
+
+from qvpo.errors import require
+
+
+@gin.configurable
+class Constant:
+    """omega_ent fixed; 0.01 is the value the paper's text gives for all tasks (QVPO.md step 7)."""
+
+    def __init__(self, value: float = 0.01):
+        require(value >= 0, f"Constant.value must be >= 0, got {value}")
+        self.value = value
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        return self.value
+
+
+@gin.configurable
+class LinearDecay:
+    """The reference code's omega_ent: min(initial, max(final, initial * (1 - step / total_steps))).
+
+    total_steps is the run length (1e6 in the paper), passed in by the trainer.
+    """
+
+    def __init__(self, initial: float = 0.02, final: float = 0.002):  # QVPO.md step 7
+        require(initial >= 0 and final >= 0,
+                f"LinearDecay needs initial, final >= 0, got initial={initial}, final={final}")
+        self.initial, self.final = initial, final
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        frac = step / max(total_steps, 1)
+        return min(self.initial, max(self.final, self.initial * (1.0 - frac)))

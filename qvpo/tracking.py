@@ -1,0 +1,152 @@
+"""MLflow: the run's life cycle, params from the operative gin config, batched metrics, artifacts.
+
+Embedded by default: the tracking URI is --tracking-uri, else $MLFLOW_TRACKING_URI, else
+sqlite:///mlflow.db in the working directory (MLflow's plain file store is refused by current
+MLflow).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import gin
+
+from qvpo.errors import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKED_PACKAGES = ("qvpo", "torch", "gymnasium", "mujoco", "gin-config", "mlflow", "numpy")
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the checkout that holds the package (with '-dirty' if it has changes)."""
+    where = str(path or Path(__file__).resolve().parent)
+    try:
+        sha = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def flat_params() -> dict[str, str]:
+    """The operative gin config as `scope/Configurable.param -> value` strings.
+
+    Call after every configurable of the run has been built: gin's operative config lists only
+    configurables that have been called.
+    """
+    from gin import config as gin_config
+
+    params = {}
+    for (scope, selector), values in gin_config._OPERATIVE_CONFIG.items():
+        name = selector.split(".")[-1]
+        prefix = f"{scope}/{name}" if scope else name
+        for param, value in values.items():
+            params[f"{prefix}.{param}"] = gin_config._format_value(value)[:6000]
+    return params
+
+
+@gin.configurable
+class MlflowTracker:
+    """One MLflow run: `start`, `log` (buffered), `flush`, `end`.
+
+    Args:
+      experiment: MLflow experiment name (--experiment).
+      tracking_uri: None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db (--tracking-uri).
+      flush_every_s: seconds between metric flushes (metrics are sent with log_batch).
+    """
+
+    def __init__(self, experiment: str = "qvpo", tracking_uri: str | None = None,
+                 flush_every_s: float = 10.0):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.experiment = experiment
+        self.flush_every_s = flush_every_s
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.run_id: str | None = None
+        self._pending: list = []
+        self._last_flush = time.monotonic()
+
+    def check(self) -> str:
+        """Fail fast (ConfigError) if the store cannot be reached; returns the experiment id."""
+        try:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot use MLflow tracking store {self.uri!r}: {first}") from None
+
+    def start(self, run_name: str, params: dict[str, str], config_str: str,
+              tags: dict[str, str]) -> str:
+        from mlflow.entities import Param
+
+        exp_id = self.check()
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow: at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self.client.log_text(self.run_id, config_str, "config.gin")
+        return self.run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        if time.monotonic() - self._last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=self._pending[i:i + MAX_BATCH])
+        self._pending = []
+        self._last_flush = time.monotonic()
+
+    def log_artifacts(self, local_dir: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir))
+
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        try:
+            self.flush()
+        finally:
+            if reason:
+                self.client.set_tag(self.run_id, "end_reason", reason[:5000])
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def run_tags(device: str) -> dict[str, str]:
+    tags = {"device": device, "host": socket.gethostname(), "python": platform.python_version()}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    tags.update(package_versions())
+    return tags

@@ -1,0 +1,93 @@
+"""Q-weight transforms: from the Q values of the Nd candidates of each state to the weight of its
+best candidate in the Q-weighted variational loss.
+
+Each transform maps q (B, N) -> w (B,), the weight of argmax_j q[b, j] (selection happens in the
+agent; every transform weights the best candidate, as the reference code does). Names and forms
+follow shared/paper/QVPO.md, section "The algorithm", step 3.
+"""
+
+from __future__ import annotations
+
+import gin
+import torch
+from torch import nn
+
+from qvpo.errors import require
+
+
+class QWeight(nn.Module):
+    """Base class: transforms are modules so running statistics are saved with the agent."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@gin.configurable
+class QAdv(QWeight):
+    """qadv (QVPO default): w = max(Q(s, a*) - V(s), 0), V(s) = mean of Q over the N candidates."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return (q.max(dim=1).values - q.mean(dim=1)).clamp(min=0.0)
+
+
+@gin.configurable
+class QCut(QWeight):
+    """qcut: w = max(Q(s, a*), c), a clip at c (not a shift). c = 1.0 in the reference code."""
+
+    def __init__(self, c: float = 1.0):
+        super().__init__()
+        self.c = c
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return q.max(dim=1).values.clamp(min=self.c)
+
+
+@gin.configurable
+class QReLU(QWeight):
+    """qrelu: w = max(Q(s, a*), -q_neg) + q_neg, the shift of Q to non-negative values."""
+
+    def __init__(self, q_neg: float = 0.0):
+        super().__init__()
+        require(q_neg >= 0, f"QReLU.q_neg must be >= 0, got {q_neg}")
+        self.q_neg = q_neg
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return q.max(dim=1).values.clamp(min=-self.q_neg) + self.q_neg
+
+
+@gin.configurable
+class QExp(QWeight):
+    """qexp (code name qexpn): w = exp(beta * clip((Q(s, a*) - mu) / sigma, -8, 8)).
+
+    mu, sigma are running mean / std of the candidates' Q values (exponential moving averages
+    with rate `momentum`), so the weight is scale-free.
+    """
+
+    def __init__(self, beta: float = 1.0, momentum: float = 0.005, clip: float = 8.0):
+        super().__init__()
+        require(beta > 0, f"QExp.beta must be > 0, got {beta}")
+        require(0 < momentum <= 1, f"QExp.momentum must be in (0, 1], got {momentum}")
+        self.beta, self.momentum, self.clip = beta, momentum, clip
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("var", torch.ones(()))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            m, v = q.mean(), q.var(unbiased=False)
+            # first call: take the batch statistics as they are (no host sync: torch.where)
+            k = torch.where(self.initialised, torch.tensor(self.momentum, device=q.device),
+                            torch.tensor(1.0, device=q.device))
+            self.mean.lerp_(m, k)
+            self.var.lerp_(v, k)
+            self.initialised.fill_(True)
+        z = (q.max(dim=1).values - self.mean) / self.var.clamp(min=1e-8).sqrt()
+        return torch.exp(self.beta * z.clamp(-self.clip, self.clip))
+
+
+@gin.configurable
+class Uniform(QWeight):
+    """w = 1: no Q-weighting (selection of the best candidate is kept). For ablations."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.ones(q.shape[0], device=q.device, dtype=q.dtype)
