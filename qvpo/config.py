@@ -36,6 +36,18 @@ def find_gin_file(name: str) -> Path:
     raise ConfigError(f"gin file {name!r} not found (looked in the working directory and {GIN_DIR})")
 
 
+def use_gin_dir_for_includes() -> None:
+    """Let `include 'algos/qvpo.gin'` find the repository's gin/ from any working directory.
+
+    gin tries its search prefixes in order and logs an error for each miss, so gin/ goes first.
+    """
+    from gin import config as gin_config
+
+    prefixes = gin_config._LOCATION_PREFIXES
+    if str(GIN_DIR) not in prefixes:
+        prefixes.insert(0, str(GIN_DIR))
+
+
 def algo_binding(algo: str) -> str:
     if algo not in ALGORITHMS:
         raise ConfigError(f"unknown --algo {algo!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
@@ -49,7 +61,7 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
     """
     paths = [str(find_gin_file(f)) for f in gin_files]
     gin.clear_config()
-    gin.add_config_file_search_path(str(GIN_DIR))
+    use_gin_dir_for_includes()
     try:
         gin.parse_config_files_and_bindings(paths, bindings, skip_unknown=False,
                                             finalize_config=False)

@@ -117,15 +117,18 @@ class DiffusionPolicy(nn.Module):
                 x = x + sch.posterior_std[i] * z
         return x.clamp(-1.0, 1.0).view(B, n, A)
 
-    def loss(self, states: torch.Tensor, actions: torch.Tensor,
-             weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, states: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None,
+             t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted denoising loss: mean_i w_i * mean_d (eps - eps_theta(sqrt(ab_t) a_i + sqrt(1-ab_t) eps, s_i, t))^2.
 
         states (N, S), actions (N, A), weights (N,) or None for the plain (unweighted) DDPM loss.
+        t (N,) ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn here unless given.
         """
         N = actions.shape[0]
-        t = torch.randint(0, self.T, (N,), device=actions.device)
-        eps = torch.randn_like(actions)
+        if t is None:
+            t = torch.randint(0, self.T, (N,), device=actions.device)
+        if eps is None:
+            eps = torch.randn_like(actions)
         sch = self.schedule
         a_t = sch.sqrt_alpha_bar[t, None] * actions + sch.sqrt_one_minus_alpha_bar[t, None] * eps
         per_row = (self.denoiser(a_t, t, states) - eps).pow(2).mean(dim=-1)

@@ -114,6 +114,7 @@ class Trainer:
         does (a bug: it stops bootstrapping at the time limit). False = bootstrap, the default.
       log_every: env steps between metric flushes (averages of the updates in between).
       progress: show a progress bar.
+      num_threads: torch intra-op threads (0 = torch's default, one per core).
     """
 
     def __init__(self, env_id: str = "Hopper-v5",
@@ -127,7 +128,8 @@ class Trainer:
                  device: str = "auto",
                  truncation_is_terminal: bool = False,
                  log_every: int = 1_000,
-                 progress: bool = True):
+                 progress: bool = True,
+                 num_threads: int = 0):
         require_int(total_steps, "Trainer.total_steps (--steps)", 0)
         require_int(warmup_steps, "Trainer.warmup_steps", 0)
         require_int(updates_per_step, "Trainer.updates_per_step", 0)
@@ -141,6 +143,9 @@ class Trainer:
         self.updates_per_step, self.eval_every, self.eval_episodes = updates_per_step, eval_every, eval_episodes
         self.seed, self.truncation_is_terminal = seed, truncation_is_terminal
         self.log_every, self.progress = log_every, progress
+        require_int(num_threads, "Trainer.num_threads", 0)
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
 
         seed_everything(seed)

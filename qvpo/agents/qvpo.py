@@ -21,7 +21,7 @@ import gin
 import torch
 
 from qvpo.agents.base import Agent
-from qvpo.buffers import ReplayBuffer
+from qvpo.buffers import Batch, ReplayBuffer
 from qvpo.diffusion import DiffusionPolicy
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ
@@ -122,17 +122,25 @@ class QVPO(Agent):
         return action
 
     # ---------------------------------------------------------------- learning
+    @torch.no_grad()
+    def td_target(self, batch: Batch) -> torch.Tensor:
+        """y = r + gamma (1 - terminal) min(Q1', Q2')(s', a'), a' = best of Kt EMA-policy candidates.
+
+        `terminal` is 1 only for a true termination: a time-limit truncation bootstraps.
+        """
+        with self.timer.phase("sampling"):
+            next_action, _ = best_of_candidates(self.policy_target, self.critic_target,
+                                                batch.next_obs, self.Kt)
+        with self.timer.phase("critic"):
+            q_next = self.critic_target.q_min(batch.next_obs, next_action)
+            return batch.reward + self.gamma * (1.0 - batch.terminal) * q_next
+
     def update(self, buffer: ReplayBuffer, step: int) -> dict[str, torch.Tensor | float]:
         timer = self.timer
         # 1. critic: clipped double-Q towards the best of Kt target-policy candidates
         batch = buffer.sample(self.batch_size)
-        with timer.phase("sampling"):
-            next_action, _ = best_of_candidates(self.policy_target, self.critic_target,
-                                                batch.next_obs, self.Kt)
+        y = self.td_target(batch)
         with timer.phase("critic"):
-            with torch.no_grad():
-                q_next = self.critic_target.q_min(batch.next_obs, next_action)
-                y = batch.reward + self.gamma * (1.0 - batch.terminal) * q_next
             q1, q2 = self.critic(batch.obs, batch.action)
             critic_loss = (q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()
             self.critic_opt.zero_grad(set_to_none=True)

@@ -1,0 +1,105 @@
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from qvpo.diffusion import DiffusionPolicy, NoiseSchedule, cosine_beta_schedule
+
+
+def test_cosine_schedule_matches_closed_form():
+    T, s = 5, 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    alpha_bar = np.array([f(t) / f(0) for t in range(1, T + 1)])
+    betas_closed = np.minimum(1 - np.array([f(t) / f(t - 1) for t in range(1, T + 1)]), 0.999)
+    betas = cosine_beta_schedule(T).numpy()
+    np.testing.assert_allclose(betas, betas_closed, rtol=1e-6)
+    sch = NoiseSchedule(T, "cosine")
+    # with the last beta clipped, the schedule's alpha_bar is the product of (1 - clipped beta)
+    np.testing.assert_allclose(sch.alpha_bar.numpy(), np.cumprod(1 - betas_closed), rtol=1e-4)
+    np.testing.assert_allclose(sch.alpha_bar.numpy()[:-1], alpha_bar[:-1], rtol=1e-5)
+    assert betas[-1] == np.float32(0.999)  # the cosine schedule's last beta is 1, clipped
+
+
+def test_posterior_constants_closed_form():
+    T = 4
+    sch = NoiseSchedule(T, "cosine")
+    b = cosine_beta_schedule(T).double().numpy()
+    ab = np.cumprod(1 - b)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    np.testing.assert_allclose(sch.posterior_c0.numpy(), b * np.sqrt(ab_prev) / (1 - ab), rtol=1e-5)
+    np.testing.assert_allclose(sch.posterior_ct.numpy(), (1 - ab_prev) * np.sqrt(1 - b) / (1 - ab), rtol=1e-5)
+    var = b * (1 - ab_prev) / (1 - ab)
+    np.testing.assert_allclose(sch.posterior_std.numpy()[1:], np.sqrt(var[1:]), rtol=1e-5)
+    assert sch.posterior_std[0] < 1e-9  # no noise at the last step
+
+
+class ZeroDenoiser(nn.Module):
+    def forward(self, a_t, t, s):
+        return torch.zeros_like(a_t)
+
+
+class IdentityDenoiser(nn.Module):
+    def forward(self, a_t, t, s):
+        return a_t
+
+
+def test_weighted_loss_hand_computed(tiny):
+    pol = DiffusionPolicy(state_dim=3, action_dim=2)
+    pol.denoiser = ZeroDenoiser()
+    eps = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    w = torch.tensor([0.5, 2.0])
+    states, actions = torch.zeros(2, 3), torch.zeros(2, 2)
+    t = torch.tensor([0, 2])
+    # rows: mean_d eps^2 = 2.5 and 4.5; weighted mean over rows = (0.5*2.5 + 2*4.5) / 2
+    loss = pol.loss(states, actions, w, t=t, eps=eps)
+    assert loss.item() == 5.125
+    assert pol.loss(states, actions, None, t=t, eps=eps).item() == 3.5
+
+
+def test_loss_noises_actions_with_alpha_bar(tiny):
+    pol = DiffusionPolicy(state_dim=1, action_dim=1)
+    pol.denoiser = IdentityDenoiser()
+    ab = pol.schedule.alpha_bar
+    a, e, t = torch.tensor([[0.5]]), torch.tensor([[-1.0]]), torch.tensor([1])
+    # prediction = a_t = sqrt(ab) a + sqrt(1 - ab) e; loss = (a_t - e)^2
+    expected = (ab[1].sqrt() * 0.5 + (1 - ab[1]).sqrt() * -1.0 + 1.0) ** 2
+    assert torch.isclose(pol.loss(torch.zeros(1, 1), a, torch.ones(1), t=t, eps=e), expected)
+
+
+def reference_sample(pol: DiffusionPolicy, states, n, noise):
+    """A plain DDPM sampler written from the formulas, one denoiser call per step."""
+    sch, T = pol.schedule, pol.T
+    s = states.repeat_interleave(n, dim=0)
+    x = noise[0]
+    for i in reversed(range(T)):
+        t = torch.full((x.shape[0],), i, dtype=torch.long)
+        eps = pol.denoiser(x, t, s)
+        ab, ab_prev, beta = sch.alpha_bar[i], (sch.alpha_bar[i - 1] if i > 0 else torch.tensor(1.0)), sch.betas[i]
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        x0 = x0.clamp(-1, 1)
+        mean = beta * ab_prev.sqrt() / (1 - ab) * x0 + (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab) * x
+        if i > 0:
+            mean = mean + (beta * (1 - ab_prev) / (1 - ab)).sqrt() * noise[T - i]
+        x = mean
+    return x.clamp(-1, 1).view(states.shape[0], n, -1)
+
+
+def test_sampler_matches_plain_reference(tiny):
+    torch.manual_seed(0)
+    pol = DiffusionPolicy(state_dim=4, action_dim=2)
+    states = torch.randn(5, 4)
+    noise = torch.randn(pol.T, 5 * 7, 2)
+    fast = pol.sample(states, 7, noise=noise)
+    slow = reference_sample(pol, states, 7, noise)
+    assert fast.shape == (5, 7, 2)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_samples_in_bounds_and_differ_across_candidates(tiny):
+    torch.manual_seed(0)
+    pol = DiffusionPolicy(state_dim=4, action_dim=3)
+    a = pol.sample(torch.randn(6, 4), 5)
+    assert a.shape == (6, 5, 3)
+    assert a.abs().max() <= 1.0
+    assert (a[:, 0] - a[:, 1]).abs().max() > 1e-3  # independent chains

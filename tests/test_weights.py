@@ -1,0 +1,43 @@
+import torch
+
+from qvpo.schedules import Constant, LinearDecay
+from qvpo.weights import QAdv, QCut, QExp, QReLU, Uniform
+
+Q = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [-1.0, -4.0, -1.0]])
+
+
+def test_qadv_weights_best_minus_mean_clipped_at_zero():
+    # best minus mean: 3 - 2 = 1; 5 - 5 = 0; -1 - (-2) = 1
+    torch.testing.assert_close(QAdv()(Q), torch.tensor([1.0, 0.0, 1.0]))
+    assert (QAdv()(torch.randn(64, 16)) >= 0).all()
+
+
+def test_qcut_is_a_clip_not_a_shift():
+    torch.testing.assert_close(QCut(c=1.0)(Q), torch.tensor([3.0, 5.0, 1.0]))
+
+
+def test_qrelu_shifts_to_non_negative():
+    torch.testing.assert_close(QReLU(q_neg=2.0)(Q), torch.tensor([5.0, 7.0, 1.0]))
+
+
+def test_qexp_uses_running_stats_and_clips():
+    w = QExp(beta=1.0, momentum=1.0)
+    out = w(Q)
+    mean, std = Q.mean(), Q.var(unbiased=False).sqrt()
+    torch.testing.assert_close(out, torch.exp((Q.max(1).values - mean) / std))
+    big = torch.tensor([[1e9, 0.0]])
+    w2 = QExp(beta=1.0, momentum=1.0)
+    assert w2(big).item() <= torch.exp(torch.tensor(8.0)).item() + 1e-3
+
+
+def test_uniform_weight():
+    torch.testing.assert_close(Uniform()(Q), torch.ones(3))
+
+
+def test_linear_decay_matches_reference_formula():
+    s = LinearDecay(initial=0.02, final=0.002)
+    assert s(0, 1000) == 0.02
+    assert abs(s(500, 1000) - 0.01) < 1e-12
+    assert s(950, 1000) == 0.002  # floor
+    assert s(2000, 1000) == 0.002
+    assert Constant(0.01)(123, 1000) == 0.01
