@@ -87,10 +87,25 @@ def train(args: argparse.Namespace) -> int:
         trainer.close()
     tracker.end("FINISHED")
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+    print_curve(result)
     print(f"run_id: {run_id}")
     print(f"final eval return: {fmt(result.final_eval)}")
     print(f"best eval return: {fmt(result.best_eval)}")
     return 0
+
+
+def print_curve(result, max_rows: int = 20) -> None:
+    """The evaluation curve as a small table (every k-th evaluation when there are many)."""
+    evals = result.evaluations
+    if not evals:
+        return
+    stride = max(1, -(-len(evals) // max_rows))
+    rows = evals[::stride] if evals[::stride][-1] is evals[-1] else [*evals[::stride], evals[-1]]
+    print(f"{'env steps':>10}  {'eval return':>12}  {'± std':>8}")
+    for e in rows:
+        bar = "#" * int(round(20 * (e.mean - min(x.mean for x in evals))
+                             / max(1e-9, max(x.mean for x in evals) - min(x.mean for x in evals))))
+        print(f"{e.step:>10}  {e.mean:>12.1f}  {e.std:>8.1f}  {bar}")
 
 
 def ui(args: argparse.Namespace) -> int:

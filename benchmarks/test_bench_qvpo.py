@@ -1,0 +1,62 @@
+"""QVPO at the paper's settings on Hopper-v5 dimensions (obs 11, action 3): constructor defaults =
+gin/algos/qvpo.gin (batch 256, Nd 64, T 20, Kb = Kt = 4, eval K 32, 3 x 256 Mish networks).
+
+Run with `make bench`; numbers go to the README with the machine they ran on.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from qvpo.agents.qvpo import QVPO
+from qvpo.buffers import ReplayBuffer
+from qvpo.envs import make_env
+
+OBS, ACT = 11, 3  # Hopper-v5
+
+
+@pytest.fixture(scope="module")
+def agent_and_buffer():
+    torch.manual_seed(0)
+    agent = QVPO(OBS, ACT, device="cpu")
+    buf = ReplayBuffer(OBS, ACT, capacity=20_000)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5_000):
+        buf.add(torch.randn(OBS, generator=g), torch.rand(ACT, generator=g) * 2 - 1,
+                1.0, torch.randn(OBS, generator=g), False)
+    return agent, buf
+
+
+def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
+    agent, buf = agent_and_buffer
+    benchmark.extra_info["what"] = "one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32"
+    benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
+
+
+def test_qvpo_behaviour_action_kb4(benchmark, agent_and_buffer):
+    agent, _ = agent_and_buffer
+    obs = torch.randn(1, OBS)
+    benchmark.extra_info["what"] = "one behaviour action: best of Kb = 4 candidates, T 20"
+    benchmark.pedantic(agent.act, args=(obs, True), rounds=200, warmup_rounds=5)
+
+
+def test_qvpo_eval_action_k32(benchmark, agent_and_buffer):
+    agent, _ = agent_and_buffer
+    obs = torch.randn(1, OBS)
+    benchmark.extra_info["what"] = "one evaluation action: best of 32 candidates, T 20"
+    benchmark.pedantic(agent.act, args=(obs, False), rounds=100, warmup_rounds=5)
+
+
+def test_env_step_hopper(benchmark):
+    env = make_env("Hopper-v5", seed=0)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(1000, ACT)).astype(np.float32)
+    i = iter(range(10**9))
+
+    def step():
+        _, _, term, trunc, _ = env.step(actions[next(i) % 1000])
+        if term or trunc:
+            env.reset()
+
+    benchmark.extra_info["what"] = "one Hopper-v5 env step (random action)"
+    benchmark.pedantic(step, rounds=2000, warmup_rounds=10)
