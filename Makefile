@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/qvpo train --gin demo.gin --device cpu
 	@echo
+	@echo "For scale: on Pendulum-v1 a uniformly random policy scores about -1270 (tests/test_learning.py"
+	@echo "measures it), a good policy about -150. Reduced settings: see gin/demo.gin."
 	@echo "Open the run in the MLflow UI:  make ui   (then follow the printed link)"
 
 # Unit, integration and learning tests (the CI command); the slowest tests are listed at the end.
