@@ -1,7 +1,14 @@
-"""Render a pytest-benchmark JSON file as a markdown table, with the machine it ran on."""
+"""Render a pytest-benchmark JSON file as a markdown table, with the machine it ran on and each
+QVPO figure as a multiple of the machine's floor (benchmarks/floor.py)."""
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from floor import Shapes, floor_seconds, sampler_costs, update_costs  # noqa: E402
+
+REFERENCE_UPDATE_S = 1.7  # the authors' code on this 2-core CPU (shared/paper/QVPO.md, "Cost")
 
 
 def main(path: str) -> None:
@@ -12,13 +19,44 @@ def main(path: str) -> None:
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     print(f"Machine: {cpu.get('brand_raw', m.get('processor', '?'))}, {cpu.get('count', '?')} cores, "
           f"Python {m.get('python_version')}; ISA: {', '.join(isa) or 'n/a'}; {data['datetime']}\n")
-    print("| benchmark | what | median | mean | rounds |")
-    print("|---|---|---|---|---|")
+    bench = {b["name"].split("[")[0]: b for b in data["benchmarks"]}
+    fmt = lambda x: f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.3f} s"  # noqa: E731
+
+    floors = {}
+    if {"test_floor_matmul_fp32", "test_floor_exp_pass"} <= bench.keys():
+        med = lambda k: bench[k]["stats"]["median"]  # noqa: E731
+        fp32 = bench["test_floor_matmul_fp32"]["extra_info"]["flops"] / med("test_floor_matmul_fp32")
+        exp_s = med("test_floor_exp_pass") / bench["test_floor_exp_pass"]["extra_info"]["elements"]
+        s = Shapes()
+        floors["fp32"] = floor_seconds(update_costs(s), fp32, exp_s)
+        beh = {"sampling": sampler_costs(Shapes(batch=1, Nd=4), 4)}
+        floors["act_kb4"] = floor_seconds(beh, fp32, exp_s)
+        floors["act_k32"] = floor_seconds({"sampling": sampler_costs(Shapes(batch=1, Nd=32), 32)}, fp32, exp_s)
+        lines = [f"- matmul at the sampler's shape: fp32 {fp32 / 1e9:.0f} GFLOP/s"]
+        if "test_floor_matmul_bf16" in bench:
+            bf16 = bench["test_floor_matmul_bf16"]["extra_info"]["flops"] / med("test_floor_matmul_bf16")
+            costs = update_costs(s)
+            # bf16 mode: the samplers' matmuls in bf16, the rest (scoring, training) in fp32
+            samp = {k: v for k, v in costs.items() if k.startswith("sampling")}
+            rest = {k: v for k, v in costs.items() if not k.startswith("sampling")}
+            floors["bf16"] = floor_seconds(samp, bf16, exp_s) + floor_seconds(rest, fp32, exp_s)
+            lines[0] += f", bf16 {bf16 / 1e9:.0f} GFLOP/s"
+        lines.append(f"- one exp pass: {exp_s * 1e9:.3f} ns per element")
+        total = sum(f for f, _ in update_costs(s).values())
+        lines.append(f"- one QVPO update at the paper's settings: {total / 1e9:.1f} GFLOP; floor "
+                     f"{floors['fp32']:.3f} s in fp32" + (f", {floors['bf16']:.3f} s with a bf16 sampler" if "bf16" in floors else ""))
+        print("\n".join(lines) + "\n")
+
+    print("| benchmark | what | median | mean | rounds | x floor | reference / this |")
+    print("|---|---|---|---|---|---|---|")
     for b in data["benchmarks"]:
-        s = b["stats"]
-        fmt = lambda x: f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.3f} s"  # noqa: E731
-        print(f"| {b['name']} | {b.get('extra_info', {}).get('what', '')} | {fmt(s['median'])} | "
-              f"{fmt(s['mean'])} | {s['rounds']} |")
+        st, name = b["stats"], b["name"]
+        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_bf16_sampler": "bf16",
+               "test_qvpo_behaviour_action_kb4": "act_kb4", "test_qvpo_eval_action_k32": "act_k32"}.get(name)
+        x_floor = f"{st['median'] / floors[key]:.2f}" if key in floors else ""
+        vs_ref = f"{REFERENCE_UPDATE_S / st['median']:.2f}x" if key in ("fp32", "bf16") else ""
+        print(f"| {name} | {b.get('extra_info', {}).get('what', '')} | {fmt(st['median'])} | "
+              f"{fmt(st['mean'])} | {st['rounds']} | {x_floor} | {vs_ref} |")
 
 
 if __name__ == "__main__":

@@ -9,22 +9,31 @@ import pytest
 import torch
 
 from qvpo.agents.qvpo import QVPO
-from qvpo.buffers import ReplayBuffer
+from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.envs import make_env
 
 OBS, ACT = 11, 3  # Hopper-v5
 
 
-@pytest.fixture(scope="module")
-def agent_and_buffer():
-    torch.manual_seed(0)
-    agent = QVPO(OBS, ACT, device="cpu")
+def _buffers():
     buf = ReplayBuffer(OBS, ACT, capacity=20_000)
     g = torch.Generator().manual_seed(0)
     for _ in range(5_000):
         buf.add(torch.randn(OBS, generator=g), torch.rand(ACT, generator=g) * 2 - 1,
                 1.0, torch.randn(OBS, generator=g), False)
-    return agent, buf
+    return SeedBuffers([buf], [0])
+
+
+@pytest.fixture(scope="module")
+def agent_and_buffer():
+    return QVPO(OBS, ACT, device="cpu"), _buffers()
+
+
+def test_qvpo_update_bf16_sampler(benchmark):
+    agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
+    agent.policy.precision = agent.policy_target.precision = "bf16"
+    benchmark.extra_info["what"] = "one QVPO update, sampler in bf16 (DiffusionPolicy.precision = 'bf16')"
+    benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
 
 
 def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
@@ -35,14 +44,14 @@ def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
 
 def test_qvpo_behaviour_action_kb4(benchmark, agent_and_buffer):
     agent, _ = agent_and_buffer
-    obs = torch.randn(1, OBS)
+    obs = torch.randn(1, 1, OBS)
     benchmark.extra_info["what"] = "one behaviour action: best of Kb = 4 candidates, T 20"
     benchmark.pedantic(agent.act, args=(obs, True), rounds=200, warmup_rounds=5)
 
 
 def test_qvpo_eval_action_k32(benchmark, agent_and_buffer):
     agent, _ = agent_and_buffer
-    obs = torch.randn(1, OBS)
+    obs = torch.randn(1, 1, OBS)
     benchmark.extra_info["what"] = "one evaluation action: best of 32 candidates, T 20"
     benchmark.pedantic(agent.act, args=(obs, False), rounds=100, warmup_rounds=5)
 

@@ -54,43 +54,55 @@ def train(args: argparse.Namespace) -> int:
         bindings.append("Trainer.progress = False")
     config.parse(gin_files, bindings)
 
-    # 2. build env, buffer and agent (validates every value), and check the store: still no run
+    # 2. build envs, buffers and agent (validates every value), check the store: still no run
     try:
         trainer = Trainer()
-        tracker = MlflowTracker()
+        trackers = [MlflowTracker() for _ in trainer.seeds]
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(config.one_line(e)) from None
-    tracker.check()
+    trackers[0].check()
 
-    # 3. the MLflow run, with the operative config of everything built above
+    # 3. one MLflow run per seed, with the operative config of everything built above
     algo_name = type(trainer.agent).__name__
-    run_id = tracker.start(run_name=f"{algo_name}-{trainer.env_id}-s{trainer.seed}",
-                           params=flat_params(), config_str=gin.operative_config_str(),
-                           tags={**run_tags(str(trainer.device)), "algo": algo_name,
-                                 "env_id": trainer.env_id, "seed": str(trainer.seed)})
-    print(f"MLflow run {run_id} in experiment {tracker.experiment!r} at {tracker.uri}", file=sys.stderr)
+    params, config_str = flat_params(), gin.operative_config_str()
+    N = len(trainer.seeds)
+    for tracker, seed in zip(trackers, trainer.seeds):
+        run_id = tracker.start(
+            run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
+            params={**params, "Trainer.seed": str(seed)}, config_str=config_str,
+            tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
+                  "seed": str(seed), "seeds_per_process": str(N)})
+        print(f"MLflow run {run_id} (seed {seed}) in experiment {tracker.experiment!r} at {tracker.uri}",
+              file=sys.stderr)
     try:
         with tempfile.TemporaryDirectory(prefix="qvpo-run-") as out:
-            result = trainer.run(tracker.log, Path(out))
-            tracker.flush()
-            tracker.log_artifacts(Path(out))
+            out_dirs = [Path(out) / f"seed{seed}" for seed in trainer.seeds]
+            results = trainer.run([t.log for t in trackers], out_dirs)
+            for tracker, d in zip(trackers, out_dirs):
+                tracker.flush()
+                tracker.log_artifacts(d)
     except KeyboardInterrupt:
-        tracker.end("KILLED", "interrupted by the user (SIGINT)")
-        print(f"run_id: {run_id} (killed)")
+        for tracker in trackers:
+            tracker.end("KILLED", "interrupted by the user (SIGINT)")
+            print(f"run_id: {tracker.run_id} (killed)")
         return 130
     except BaseException as e:
-        tracker.end("FAILED", f"{type(e).__name__}: {e}")
+        for tracker in trackers:
+            tracker.end("FAILED", f"{type(e).__name__}: {e}")
         raise
     finally:
         trainer.close()
-    tracker.end("FINISHED")
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
-    print_curve(result)
-    print(f"run_id: {run_id}")
-    print(f"final eval return: {fmt(result.final_eval)}")
-    print(f"best eval return: {fmt(result.best_eval)}")
+    for tracker, seed, result in zip(trackers, trainer.seeds, results):
+        tracker.end("FINISHED")
+        if N > 1:
+            print(f"seed {seed}:")
+        print_curve(result)
+        print(f"run_id: {tracker.run_id}")
+        print(f"final eval return: {fmt(result.final_eval)}")
+        print(f"best eval return: {fmt(result.best_eval)}")
     return 0
 
 

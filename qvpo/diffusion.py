@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from qvpo.errors import require, require_int
-from qvpo.nets import Denoiser
+from qvpo.nets import Denoiser, make_activation, mish_
+from qvpo.rng import SeedRNG
 
 
 def cosine_beta_schedule(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -74,64 +75,110 @@ class NoiseSchedule(nn.Module):
 
 @gin.configurable
 class DiffusionPolicy(nn.Module):
-    """A conditional DDPM over actions in [-1, 1]^A.
+    """A conditional DDPM over actions in [-1, 1]^A, one per seed (leading seed dimension N).
 
     Args:
       T: diffusion steps (QVPO.md: 20 for QVPO).
       schedule: beta schedule name (QVPO.md: cosine).
       clip_x0: clamp the predicted x0 to [-1, 1] at each sampling step (QVPO.md: yes).
+      precision: 'fp32', or 'bf16' to run the sampler's hidden layers in bfloat16 (opt-in speed
+        mode for CPUs with native bf16 matmul and for GPUs; training stays float32).
+      block_rows: candidate rows per cache block in the sampler (a speed knob; same maths).
     """
 
-    def __init__(self, state_dim: int, action_dim: int, T: int = 20, schedule: str = "cosine",
-                 clip_x0: bool = True):
+    def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
+                 T: int = 20, schedule: str = "cosine", clip_x0: bool = True,
+                 precision: str = "fp32", block_rows: int = 2048):
         super().__init__()
-        self.action_dim = action_dim
+        require(precision in ("fp32", "bf16"), f"DiffusionPolicy.precision must be 'fp32' or 'bf16', got {precision!r}")
+        require_int(block_rows, "DiffusionPolicy.block_rows", 1)
+        self.action_dim, self.state_dim = action_dim, state_dim
         self.schedule = NoiseSchedule(T, schedule)
-        self.denoiser = Denoiser(state_dim, action_dim)
-        self.clip_x0 = clip_x0
+        self.denoiser = Denoiser(state_dim, action_dim, generators)
+        self.clip_x0, self.precision, self.block_rows = clip_x0, precision, block_rows
+        # the sampler's per-step constants as Python floats: no tensor indexing in the loop
+        self._coefs = {k: getattr(self.schedule, k).tolist() for k in (
+            "sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar", "posterior_c0", "posterior_ct", "posterior_std")}
 
     @property
     def T(self) -> int:
         return self.schedule.T
 
-    def sample(self, states: torch.Tensor, n: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw n actions for each state: (B, S) -> (B, n, A).
+    @torch.no_grad()
+    def sample(self, states: torch.Tensor, n: int, rng: SeedRNG | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw n actions per state: states (N, B, S) -> (N, B, n, A); row b*n + j = candidate j of b.
 
-        All B*n chains run through each denoising step as one tensor. `noise`, if given, is
-        (T, B*n, A): the initial x_T, then the noise of steps T-1 .. 1 (to compare samplers).
+        The same maths as a plain DDPM loop over `self.denoiser` (tests/test_diffusion.py holds
+        one and compares), arranged for speed:
+        * the first layer W [a_t, temb_t, s] + b is split: W_s s once per state, W_t temb_t + b
+          once per step, only W_a a_t (A columns) per row;
+        * chains are independent, so blocks of `block_rows` rows run through all T steps while
+          their activations stay in cache;
+        * schedule constants are Python floats computed once; Mish runs in place;
+        * `precision='bf16'` runs the hidden layers' matmuls and activations in bfloat16 (the
+          DDPM update itself stays float32).
+        Noise comes from `rng` (one stream per seed), else torch's global generator; `noise`, if
+        given, is (N, T, B*n, A): the initial x_T, then the noise of steps T-1 .. 1.
         """
-        B, A, T = states.shape[0], self.action_dim, self.T
-        sch = self.schedule
-        s = states.repeat_interleave(n, dim=0)  # row b*n + j is candidate j of state b
-        # the time MLP depends only on t: evaluate it for all T steps at once, not per row
-        temb = self.denoiser.time_embedding(torch.arange(T, device=states.device))
-        x = torch.randn(B * n, A, device=states.device) if noise is None else noise[0]
-        for i in reversed(range(T)):
-            eps = self.denoiser.body(torch.cat([x, temb[i].expand(B * n, -1), s], dim=-1))
-            x0 = sch.sqrt_recip_alpha_bar[i] * x - sch.sqrt_recipm1_alpha_bar[i] * eps
-            if self.clip_x0:
-                x0 = x0.clamp(-1.0, 1.0)
-            x = sch.posterior_c0[i] * x0 + sch.posterior_ct[i] * x
-            if i > 0:  # no noise at the last step
-                z = torch.randn_like(x) if noise is None else noise[T - i]
-                x = x + sch.posterior_std[i] * z
-        return x.clamp(-1.0, 1.0).view(B, n, A)
+        N, B, S = states.shape
+        A, T = self.action_dim, self.T
+        den = self.denoiser
+        first, *rest = den.linears
+        W_a, W_t, W_s = first.weight.split([A, den.time_dim, S], dim=1)   # (N, ., H) each
+        step_bias = torch.baddbmm(first.bias, den.step_embeddings(T), W_t)  # (N, T, H)
+        state_proj = torch.bmm(states, W_s)                                  # (N, B, H)
+        H = state_proj.shape[-1]
+        dtype = torch.bfloat16 if self.precision == "bf16" else states.dtype
+        hidden = [(lin.weight.to(dtype), lin.bias.to(dtype)) for lin in rest]
+        act_ = mish_ if den.activation == "mish" else make_activation(den.activation)
+        c = self._coefs
+        randn = rng.randn if rng is not None else (lambda *shape: torch.randn(N, *shape, device=states.device))
+        out = torch.empty(N, B * n, A, device=states.device)
+        per_block = max(1, self.block_rows // n)  # states per block
+        for b0 in range(0, B, per_block):
+            b1 = min(B, b0 + per_block)
+            r0, r1, sb = b0 * n, b1 * n, b1 - b0
+            sp = state_proj[:, b0:b1, None, :]                               # (N, sb, 1, H)
+            x = randn(r1 - r0, A) if noise is None else noise[:, 0, r0:r1].clone()
+            for i in reversed(range(T)):
+                h = torch.bmm(x, W_a).view(N, sb, n, H)
+                h += sp
+                h += step_bias[:, i, None, None, :]
+                h = act_(h.view(N, r1 - r0, H).to(dtype))
+                for j, (w, b) in enumerate(hidden):
+                    h = torch.baddbmm(b, h, w)
+                    if j < len(hidden) - 1:
+                        h = act_(h)
+                eps = h.float()
+                # x0 = sqrt(1/ab) x - sqrt(1/ab - 1) eps; posterior mean = c0 x0 + ct x
+                x0 = eps.mul_(-c["sqrt_recipm1_alpha_bar"][i]).add_(x, alpha=c["sqrt_recip_alpha_bar"][i])
+                if self.clip_x0:
+                    x0.clamp_(-1.0, 1.0)
+                x = x0.mul_(c["posterior_c0"][i]).add_(x, alpha=c["posterior_ct"][i])
+                if i > 0:  # no noise at the last step
+                    z = randn(r1 - r0, A) if noise is None else noise[:, T - i, r0:r1]
+                    x.add_(z, alpha=c["posterior_std"][i])
+            out[:, r0:r1] = x
+        return out.clamp_(-1.0, 1.0).view(N, B, n, A)
 
     def loss(self, states: torch.Tensor, actions: torch.Tensor, weights: torch.Tensor | None = None,
-             t: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """Weighted denoising loss: mean_i w_i * mean_d (eps - eps_theta(sqrt(ab_t) a_i + sqrt(1-ab_t) eps, s_i, t))^2.
+             rng: SeedRNG | None = None, t: torch.Tensor | None = None,
+             eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted denoising loss per seed: (N,) with
+        L = mean_i w_i * mean_d (eps - eps_theta(sqrt(ab_t) a_i + sqrt(1 - ab_t) eps, s_i, t))^2.
 
-        states (N, S), actions (N, A), weights (N,) or None for the plain (unweighted) DDPM loss.
-        t (N,) ~ Uniform{0..T-1} and eps ~ N(0, I) are drawn here unless given.
+        states (N, R, S), actions (N, R, A), weights (N, R) or None (the plain DDPM loss).
+        t (N, R) ~ Uniform{0..T-1} and eps ~ N(0, I) come from `rng` unless given.
         """
-        N = actions.shape[0]
+        N, R, A = actions.shape
         if t is None:
-            t = torch.randint(0, self.T, (N,), device=actions.device)
+            t = rng.randint(self.T, R) if rng is not None else torch.randint(0, self.T, (N, R), device=actions.device)
         if eps is None:
-            eps = torch.randn_like(actions)
+            eps = rng.randn(R, A) if rng is not None else torch.randn_like(actions)
         sch = self.schedule
         a_t = sch.sqrt_alpha_bar[t, None] * actions + sch.sqrt_one_minus_alpha_bar[t, None] * eps
-        per_row = (self.denoiser(a_t, t, states) - eps).pow(2).mean(dim=-1)
+        per_row = (self.denoiser(a_t, t, states, self.T) - eps).pow(2).mean(dim=-1)
         if weights is not None:
             per_row = per_row * weights
-        return per_row.mean()
+        return per_row.mean(dim=-1)

@@ -28,9 +28,25 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     return x * n / (n + 2.0)
 
 
+def mish_(x: torch.Tensor) -> torch.Tensor:
+    """In-place exact Mish for inference (no autograd): x <- x * n / (n + 2), n = e^x (e^x + 2).
+
+    Same formula as `mish`, written with two scratch tensors and in-place ops so a large
+    activation is read and written a few times instead of allocated eight times (the sampler's
+    hot path: QVPO.md measures Mish as costly as the matmul that feeds it on this CPU).
+    """
+    n = torch.clamp(x, max=20.0).exp_()
+    d = n + 2.0
+    n.mul_(d)                       # n = e (e + 2)
+    torch.add(n, 2.0, out=d)        # d = n + 2
+    return x.mul_(n.div_(d))
+
+
 class Mish(nn.Module):
+    """Mish; in place when autograd is off (the input is always a fresh Linear output here)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mish(x)
+        return mish(x) if x.requires_grad else mish_(x)
 
 
 ACTIVATIONS = {"mish": Mish, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -41,35 +57,62 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+class SeedLinear(nn.Module):
+    """N independent Linear layers, one per seed: (N, rows, in) -> (N, rows, out).
+
+    The seed is a batch dimension of every network (purejaxrl's idea): one process trains N
+    seeds with batched matmuls, and N = 1 is the ordinary single-seed network.
+    """
+
+    def __init__(self, seeds: int, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(seeds, in_features, out_features))  # x @ W layout
+        self.bias = nn.Parameter(torch.zeros(seeds, 1, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
 @gin.configurable
-def init_linear(module: nn.Module, scheme: str = "reference") -> None:
-    """Initialise every nn.Linear inside `module`.
+def init_linear(module: nn.Module, generators: list[torch.Generator], scheme: str = "reference") -> None:
+    """Initialise every SeedLinear in `module`, seed k from generators[k].
+
+    Seeds are the outer loop, so seed k's parameters are the same whether it is trained alone
+    or with others (a batched run and N separate runs start from the same networks).
 
     Args:
       scheme: 'reference' = N(0, 1/(2 sqrt(fan_in))) weights and zero bias (QVPO / DIPO reference
-        code), 'torch' = PyTorch's default (leave as is), 'xavier' = Xavier-uniform, zero bias
-        (QSM reference code).
+        code), 'torch' = PyTorch's nn.Linear default (uniform +-1/sqrt(fan_in) weights and
+        bias), 'xavier' = Xavier-uniform weights, zero bias (QSM reference code).
     """
     require(scheme in ("reference", "torch", "xavier"),
             f"init_linear.scheme must be 'reference', 'torch' or 'xavier', got {scheme!r}")
-    if scheme == "torch":
-        return
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            if scheme == "reference":
-                nn.init.normal_(m.weight, mean=0.0, std=1.0 / (2.0 * math.sqrt(m.in_features)))
-            else:
-                nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+    layers = [m for m in module.modules() if isinstance(m, SeedLinear)]
+    with torch.no_grad():
+        for k, g in enumerate(generators):
+            for m in layers:
+                w, b, fan_in, fan_out = m.weight[k], m.bias[k], m.in_features, m.out_features
+                if scheme == "reference":
+                    w.copy_(torch.randn(w.shape, generator=g) / (2.0 * math.sqrt(fan_in)))
+                    b.zero_()
+                elif scheme == "torch":
+                    bound = 1.0 / math.sqrt(fan_in)
+                    w.copy_(torch.rand(w.shape, generator=g) * 2 * bound - bound)
+                    b.copy_(torch.rand(b.shape, generator=g) * 2 * bound - bound)
+                else:
+                    bound = math.sqrt(6.0 / (fan_in + fan_out))
+                    w.copy_(torch.rand(w.shape, generator=g) * 2 * bound - bound)
+                    b.zero_()
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str) -> nn.Sequential:
+def mlp(seeds: int, in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = in_dim
     for h in hidden:
-        layers += [nn.Linear(d, h), make_activation(activation)]
+        layers += [SeedLinear(seeds, d, h), make_activation(activation)]
         d = h
-    layers.append(nn.Linear(d, out_dim))
+    layers.append(SeedLinear(seeds, d, out_dim))
     return nn.Sequential(*layers)
 
 
@@ -84,13 +127,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 @gin.configurable
 class Denoiser(nn.Module):
-    """epsilon_theta(a_t, t, s): the noise predictor of the diffusion policy.
+    """epsilon_theta(a_t, t, s): the noise predictor of the diffusion policy, one per seed.
 
     Input is [a_t, time embedding, s]; the time embedding is sinusoidal(time_dim) ->
     Linear(time_dim, time_hidden) -> Mish -> Linear(time_hidden, time_dim), as in the reference.
     """
 
-    def __init__(self, state_dim: int, action_dim: int,
+    def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256
                  time_dim: int = 32,  # QVPO.md: sinusoidal(32)
                  time_hidden: int = 256,  # QVPO.md: Linear(32, 256) -> Mish -> Linear(256, 32)
@@ -99,35 +142,48 @@ class Denoiser(nn.Module):
         require(time_dim >= 4 and time_dim % 2 == 0, f"Denoiser.time_dim must be even and >= 4, got {time_dim}")
         require(len(hidden) >= 1 and all(h >= 1 for h in hidden),
                 f"Denoiser.hidden must be a non-empty tuple of positive widths, got {hidden}")
-        self.time_dim = time_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, time_hidden), make_activation(activation),
-                                      nn.Linear(time_hidden, time_dim))
-        self.body = mlp(action_dim + time_dim + state_dim, tuple(hidden), action_dim, activation)
-        init_linear(self)
+        N = len(generators)
+        self.time_dim, self.activation = time_dim, activation
+        self.time_mlp = nn.Sequential(SeedLinear(N, time_dim, time_hidden), make_activation(activation),
+                                      SeedLinear(N, time_hidden, time_dim))
+        self.body = mlp(N, action_dim + time_dim + state_dim, tuple(hidden), action_dim, activation)
+        init_linear(self, generators)
 
-    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_mlp(sinusoidal_embedding(t, self.time_dim))
+    @property
+    def linears(self) -> list[SeedLinear]:
+        return [m for m in self.body if isinstance(m, SeedLinear)]
 
-    def forward(self, a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """a_t: (N, A), t: (N,) integer steps, s: (N, S) -> predicted noise (N, A)."""
-        return self.body(torch.cat([a_t, self.time_embedding(t), s], dim=-1))
+    def step_embeddings(self, T: int) -> torch.Tensor:
+        """The time MLP at every step 0..T-1: (N, T, time_dim). It depends on t alone, so it is
+        evaluated T times per call, never once per row."""
+        N = self.time_mlp[0].weight.shape[0]
+        t = torch.arange(T, device=self.time_mlp[0].weight.device)
+        return self.time_mlp(sinusoidal_embedding(t, self.time_dim).expand(N, T, -1))
+
+    def forward(self, a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, T: int) -> torch.Tensor:
+        """a_t (N, R, A), t (N, R) integer steps in [0, T), s (N, R, S) -> predicted noise (N, R, A)."""
+        temb = self.step_embeddings(T)
+        temb = torch.gather(temb, 1, t[..., None].expand(-1, -1, self.time_dim))
+        return self.body(torch.cat([a_t, temb, s], dim=-1))
 
 
 @gin.configurable
 class TwinQ(nn.Module):
-    """Two independent Q networks on [s, a] (clipped double-Q)."""
+    """Two independent Q networks on [s, a] (clipped double-Q), one pair per seed."""
 
-    def __init__(self, state_dim: int, action_dim: int,
+    def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256 Mish
                  activation: str = "mish"):
         super().__init__()
         require(len(hidden) >= 1 and all(h >= 1 for h in hidden),
                 f"TwinQ.hidden must be a non-empty tuple of positive widths, got {hidden}")
-        self.q1 = mlp(state_dim + action_dim, tuple(hidden), 1, activation)
-        self.q2 = mlp(state_dim + action_dim, tuple(hidden), 1, activation)
-        init_linear(self)
+        N = len(generators)
+        self.q1 = mlp(N, state_dim + action_dim, tuple(hidden), 1, activation)
+        self.q2 = mlp(N, state_dim + action_dim, tuple(hidden), 1, activation)
+        init_linear(self, generators)
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s (N, R, S), a (N, R, A) -> Q1, Q2 each (N, R)."""
         sa = torch.cat([s, a], dim=-1)
         return self.q1(sa).squeeze(-1), self.q2(sa).squeeze(-1)
 

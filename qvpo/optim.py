@@ -29,12 +29,17 @@ def soft_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) ->
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float | None) -> torch.Tensor:
-    """Clip the gradient norm (if max_norm) and step; returns the pre-clip norm (a tensor, no sync)."""
-    params = list(params)
+    """Clip each seed's gradient norm to max_norm (if given), step, return the pre-clip norms (N,).
+
+    Parameters carry a leading seed dimension; the norm of seed k runs over its slices only, as
+    torch.nn.utils.clip_grad_norm_ would in a run of that seed alone (same 1e-6 guard).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.stack([g.pow(2).flatten(1).sum(dim=1) for g in grads]).sum(dim=0)  # (N,)
+    norms = sq.sqrt()
     if max_norm is not None and max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
     optimizer.step()
-    return norm
+    return norms

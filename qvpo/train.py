@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from qvpo.agents.base import Agent
 from qvpo.agents.qvpo import QVPO
-from qvpo.buffers import ReplayBuffer
+from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.envs import check_env_id, env_dims, make_env
 from qvpo.errors import ConfigError, require, require_int
 from qvpo.timing import PhaseTimer
@@ -45,7 +45,10 @@ def seed_everything(seed: int) -> None:
 
 
 class MetricAccumulator:
-    """Sums the agent's per-update metric tensors on the device; one host sync per `pop`."""
+    """Sums the agent's per-update metrics on the device; one host sync per `pop`.
+
+    Metric values are (N,) tensors (one per seed) or plain floats (the same for every seed).
+    """
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor | float] = {}
@@ -56,14 +59,20 @@ class MetricAccumulator:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
 
-    def pop(self) -> dict[str, float]:
-        """Means over the updates since the last pop."""
+    def pop(self, num_seeds: int) -> list[dict[str, float]]:
+        """Means over the updates since the last pop, one dict per seed."""
         n = max(self.count, 1)
-        out = {k: float(v) / n for k, v in self.sums.items() if not torch.is_tensor(v)}
+        out = [{} for _ in range(num_seeds)]
         keys = [k for k, v in self.sums.items() if torch.is_tensor(v)]
-        if keys:  # one device-to-host transfer for all tensor metrics
-            values = torch.stack([self.sums[k].float().reshape(()) for k in keys]).tolist()
-            out.update({k: v / n for k, v in zip(keys, values)})
+        if keys:  # one device-to-host transfer for all tensor metrics: (metrics, seeds)
+            values = torch.stack([self.sums[k].float().reshape(-1).expand(num_seeds) for k in keys]).tolist()
+            for k, row in zip(keys, values):
+                for i in range(num_seeds):
+                    out[i][k] = row[i] / n
+        for k, v in self.sums.items():
+            if not torch.is_tensor(v):
+                for i in range(num_seeds):
+                    out[i][k] = float(v) / n
         self.sums, self.count = {}, 0
         return out
 
@@ -98,17 +107,20 @@ class TrainResult:
 
 @gin.configurable
 class Trainer:
-    """Builds env, replay buffer and agent, then runs the off-policy loop.
+    """Builds envs, replay buffers and the agent, then runs the off-policy loop.
 
     Args:
       env_id: Gymnasium task id.
       agent: the agent class (gin: `Trainer.agent = @QVPO`).
-      total_steps: env steps in the run (QVPO.md: 1,000,000).
+      total_steps: env steps in the run, per seed (QVPO.md: 1,000,000).
       warmup_steps: uniformly random actions before the first update (QVPO.md: 10,000).
       updates_per_step: gradient updates per env step after warm-up (QVPO.md: 1).
       eval_every: env steps between evaluations (QVPO.md: 10,000).
       eval_episodes: episodes per evaluation (QVPO.md: 10).
-      seed: seeds python, numpy, torch, the envs and the buffer's sampler.
+      seed: the first seed; seeds_per_process = N trains seeds seed .. seed + N - 1.
+      seeds_per_process: independent seeds trained together in this process, batched over a
+        leading seed dimension (each with its own env, buffer, random streams, optimiser state,
+        gradient clipping and MLflow run).
       device: 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.
       truncation_is_terminal: store a time-limit truncation as terminal, as the reference code
         does (a bug: it stops bootstrapping at the time limit). False = bootstrap, the default.
@@ -125,6 +137,7 @@ class Trainer:
                  eval_every: int = 10_000,
                  eval_episodes: int = 10,
                  seed: int = 0,
+                 seeds_per_process: int = 1,
                  device: str = "auto",
                  truncation_is_terminal: bool = False,
                  log_every: int = 1_000,
@@ -137,129 +150,147 @@ class Trainer:
         require_int(eval_episodes, "Trainer.eval_episodes", 1)
         require_int(log_every, "Trainer.log_every (env steps)", 1)
         require_int(seed, "Trainer.seed (--seed)", 0)
+        require_int(seeds_per_process, "Trainer.seeds_per_process", 1)
+        require_int(num_threads, "Trainer.num_threads", 0)
         require(isinstance(env_id, str), f"Trainer.env_id (--env) must be a string, got {env_id!r}")
         check_env_id(env_id)
         self.env_id, self.total_steps, self.warmup_steps = env_id, int(total_steps), warmup_steps
         self.updates_per_step, self.eval_every, self.eval_episodes = updates_per_step, eval_every, eval_episodes
-        self.seed, self.truncation_is_terminal = seed, truncation_is_terminal
+        self.seeds = [seed + k for k in range(seeds_per_process)]
+        self.truncation_is_terminal = truncation_is_terminal
         self.log_every, self.progress = log_every, progress
-        require_int(num_threads, "Trainer.num_threads", 0)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
 
         seed_everything(seed)
-        self.env = make_env(env_id, seed=seed)
-        # evaluation envs: their own seeds, so evaluation never perturbs the training stream
-        self.eval_envs = [make_env(env_id, seed=seed + 10_000 + i) for i in range(eval_episodes)]
-        obs_dim, action_dim = env_dims(self.env)
+        self.envs = [make_env(env_id, seed=s) for s in self.seeds]
+        # evaluation envs: their own seeds, so evaluation never perturbs the training streams
+        self.eval_envs = [[make_env(env_id, seed=s + 10_000 + i) for i in range(eval_episodes)]
+                          for s in self.seeds]
+        obs_dim, action_dim = env_dims(self.envs[0])
         self.timer = PhaseTimer(self.device)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
-                           total_steps=self.total_steps, timer=self.timer)
-        self.buffer = ReplayBuffer(obs_dim, action_dim, device=self.device)
-        self.buffer.seed(seed)
-        require(self.agent.batch_size <= self.buffer.capacity,
+                           total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
+        self.buffers = SeedBuffers([ReplayBuffer(obs_dim, action_dim, device=self.device)
+                                    for _ in self.seeds], self.seeds)
+        capacity = self.buffers[0].capacity
+        require(self.agent.batch_size <= capacity,
                 f"batch size {self.agent.batch_size} is larger than the replay buffer "
-                f"(ReplayBuffer.capacity = {self.buffer.capacity}); lower the batch or raise the capacity")
+                f"(ReplayBuffer.capacity = {capacity}); lower the batch or raise the capacity")
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> list[float]:
-        """Run eval_episodes episodes in lockstep, one batched act() per step for all that run."""
-        obs = [env.reset()[0] for env in self.eval_envs]
-        returns = [0.0] * len(self.eval_envs)
-        running = list(range(len(self.eval_envs)))
-        while running:
-            batch = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32,
-                                    device=self.device)
-            actions = self.agent.act(batch, explore=False).cpu().numpy()
-            still = []
-            for i, a in zip(running, actions):
-                obs[i], r, term, trunc, _ = self.eval_envs[i].step(a)
-                returns[i] += float(r)
-                if not (term or trunc):
-                    still.append(i)
-            running = still
-        return returns
+    def evaluate(self) -> list[list[float]]:
+        """eval_episodes episodes per seed, all in lockstep: one batched act() per step."""
+        N, E = len(self.seeds), self.eval_episodes
+        obs = np.stack([[env.reset()[0] for env in envs] for envs in self.eval_envs])  # (N, E, S)
+        returns = np.zeros((N, E))
+        running = np.ones((N, E), dtype=bool)
+        while running.any():
+            batch = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+            actions = self.agent.act(batch, explore=False).cpu().numpy()  # finished envs' are unused
+            for k, i in zip(*np.nonzero(running)):
+                obs[k, i], r, term, trunc, _ = self.eval_envs[k][i].step(actions[k, i])
+                returns[k, i] += float(r)
+                running[k, i] = not (term or trunc)
+        return returns.tolist()
 
     # ------------------------------------------------------------------ the loop
-    def run(self, log: LogFn = lambda metrics, step: None, out_dir: Path | None = None) -> TrainResult:
-        result = TrainResult()
+    def run(self, logs: LogFn | list[LogFn] | None = None,
+            out_dirs: Path | list[Path] | None = None) -> list[TrainResult]:
+        """Train every seed for total_steps env steps; logs[k] and out_dirs[k] are seed k's."""
+        N = len(self.seeds)
+        logs = [logs] * N if logs is None or callable(logs) else list(logs)
+        logs = [log or (lambda metrics, step: None) for log in logs]
+        out_dirs = [out_dirs] * N if out_dirs is None or isinstance(out_dirs, Path) else list(out_dirs)
+        results = [TrainResult() for _ in range(N)]
         acc = MetricAccumulator()
-        timer, agent, env = self.timer, self.agent, self.env
-        obs, _ = env.reset(seed=self.seed)
-        ep_return, ep_len = 0.0, 0
-        last_eval = None
+        timer, agent, envs = self.timer, self.agent, self.envs
+        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, self.seeds)])
+        ep_return, ep_len = [0.0] * N, [0] * N
         t_log, steps_at_log = time.perf_counter(), 0
+        name = type(agent).__name__
         bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True, disable=not self.progress,
-                   desc=f"{type(agent).__name__} {self.env_id}")
+                   desc=f"{name} {self.env_id}" + (f" x{N} seeds" if N > 1 else ""))
         for step in range(1, self.total_steps + 1):  # `step` = env steps taken so far, after this one
             if step <= self.warmup_steps:
-                action = env.action_space.sample()
+                actions = [env.action_space.sample() for env in envs]
             else:
                 with timer.phase("sampling"):
-                    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None]
-                    action = agent.act(obs_t, explore=True)[0].cpu().numpy()
-            with timer.phase("env"):
-                next_obs, reward, terminated, truncated, _ = env.step(action)
-            terminal = terminated or (truncated and self.truncation_is_terminal)
-            self.buffer.add(obs, action, reward, next_obs, terminal)
-            obs = next_obs
-            ep_return += float(reward)
-            ep_len += 1
-            if terminated or truncated:
-                result.episodes.append((step, ep_return))
-                log({"train/episode_return": ep_return, "train/episode_length": ep_len}, step)
+                    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[:, None]
+                    actions = agent.act(obs_t, explore=True)[:, 0].cpu().numpy()
+            for k, env in enumerate(envs):
                 with timer.phase("env"):
-                    obs, _ = env.reset()
-                ep_return, ep_len = 0.0, 0
+                    next_obs, reward, terminated, truncated, _ = env.step(actions[k])
+                terminal = terminated or (truncated and self.truncation_is_terminal)
+                self.buffers[k].add(obs[k], actions[k], reward, next_obs, terminal)
+                ep_return[k] += float(reward)
+                ep_len[k] += 1
+                if terminated or truncated:
+                    results[k].episodes.append((step, ep_return[k]))
+                    logs[k]({"train/episode_return": ep_return[k], "train/episode_length": ep_len[k]}, step)
+                    with timer.phase("env"):
+                        next_obs, _ = env.reset()
+                    ep_return[k], ep_len[k] = 0.0, 0
+                obs[k] = next_obs
 
-            if step > self.warmup_steps and len(self.buffer) >= agent.batch_size:
+            if step > self.warmup_steps and len(self.buffers) >= agent.batch_size:
                 for _ in range(self.updates_per_step):
-                    acc.add(agent.update(self.buffer, step))
+                    acc.add(agent.update(self.buffers, step))
 
             if step % self.eval_every == 0 or step == self.total_steps:
                 with timer.phase("eval"):
                     returns = self.evaluate()
-                rec = EvalRecord(step, returns)
-                is_best = result.best_eval is None or rec.mean > result.best_eval
-                result.evaluations.append(rec)
-                last_eval = rec.mean
-                log({"eval/return_mean": rec.mean, "eval/return_std": rec.std,
-                     "eval/return_best": result.best_eval}, step)
-                if out_dir is not None:
-                    if is_best:
-                        save_checkpoint(out_dir / "checkpoints" / "best.pt", agent, step, rec.mean)
-                    write_eval_csv(out_dir / "eval.csv", result.evaluations)
-                bar.set_postfix(eval=f"{last_eval:.1f}", refresh=False)
+                for k in range(N):
+                    rec = EvalRecord(step, returns[k])
+                    is_best = results[k].best_eval is None or rec.mean > results[k].best_eval
+                    results[k].evaluations.append(rec)
+                    logs[k]({"eval/return_mean": rec.mean, "eval/return_std": rec.std,
+                             "eval/return_best": results[k].best_eval}, step)
+                    if out_dirs[k] is not None:
+                        if is_best:
+                            save_checkpoint(out_dirs[k] / "checkpoints" / "best.pt", agent, step, rec.mean, k)
+                        write_eval_csv(out_dirs[k] / "eval.csv", results[k].evaluations)
+                bar.set_postfix(eval=" ".join(f"{r.evaluations[-1].mean:.1f}" for r in results), refresh=False)
 
             if step % self.log_every == 0 or step == self.total_steps:
                 now = time.perf_counter()
                 n = step - steps_at_log
-                metrics = acc.pop()
-                metrics["perf/steps_per_s"] = n / max(now - t_log, 1e-9)
+                per_seed = acc.pop(N)
+                common = {"perf/steps_per_s": n / max(now - t_log, 1e-9)}
                 for phase, secs in timer.pop().items():
-                    metrics[f"time/{phase}_ms_per_step"] = 1e3 * secs / n
-                log(metrics, step)
+                    common[f"time/{phase}_ms_per_step"] = 1e3 * secs / n
+                for k in range(N):
+                    logs[k]({**per_seed[k], **common}, step)
                 t_log, steps_at_log = now, step
             bar.update(1)
         bar.close()
-        if out_dir is not None:
-            save_checkpoint(out_dir / "checkpoints" / "final.pt", agent, self.total_steps, result.final_eval)
-            write_eval_csv(out_dir / "eval.csv", result.evaluations)
-            from qvpo.plots import plot_learning_curve
-            plot_learning_curve(result, out_dir / "learning_curve.png",
-                                title=f"{type(agent).__name__} on {self.env_id} (seed {self.seed})")
-        return result
+        for k in range(N):
+            if out_dirs[k] is not None:
+                save_checkpoint(out_dirs[k] / "checkpoints" / "final.pt", agent, self.total_steps,
+                                results[k].final_eval, k)
+                write_eval_csv(out_dirs[k] / "eval.csv", results[k].evaluations)
+                from qvpo.plots import plot_learning_curve
+                plot_learning_curve(results[k], out_dirs[k] / "learning_curve.png",
+                                    title=f"{name} on {self.env_id} (seed {self.seeds[k]})")
+        return results
 
     def close(self) -> None:
-        for env in [self.env, *self.eval_envs]:
+        for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:
             env.close()
 
 
-def save_checkpoint(path: Path, agent: Agent, step: int, eval_return: float | None) -> None:
+def save_checkpoint(path: Path, agent: Agent, step: int, eval_return: float | None,
+                    seed_index: int = 0) -> None:
+    """The agent's whole state (all seeds of the process) and which seed this file is for."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"agent": agent.state_dict(), "step": step, "eval_return": eval_return}, tmp)
+    torch.save({"agent": agent.state_dict(), "step": step, "eval_return": eval_return,
+                "seed_index": seed_index}, tmp)
     tmp.replace(path)
 
 

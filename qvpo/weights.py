@@ -1,8 +1,9 @@
 """Q-weight transforms: from the Q values of the Nd candidates of each state to the weight of its
 best candidate in the Q-weighted variational loss.
 
-Each transform maps q (B, N) -> w (B,), the weight of argmax_j q[b, j] (selection happens in the
-agent; every transform weights the best candidate, as the reference code does). Names and forms
+Each transform maps q (..., K) -> w (...), the weight of the best of the K candidates (selection
+happens in the agent; every transform weights the best candidate, as the reference code does).
+The leading dimensions are (seeds, states). Names and forms
 follow shared/paper/QVPO.md, section "The algorithm", step 3.
 """
 
@@ -18,6 +19,9 @@ from qvpo.errors import require
 class QWeight(nn.Module):
     """Base class: transforms are modules so running statistics are saved with the agent."""
 
+    def reset(self, num_seeds: int) -> None:
+        """Called by the agent once it knows how many seeds it trains (for per-seed statistics)."""
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -27,7 +31,7 @@ class QAdv(QWeight):
     """qadv (QVPO default): w = max(Q(s, a*) - V(s), 0), V(s) = mean of Q over the N candidates."""
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return (q.max(dim=1).values - q.mean(dim=1)).clamp(min=0.0)
+        return (q.max(dim=-1).values - q.mean(dim=-1)).clamp(min=0.0)
 
 
 @gin.configurable
@@ -39,7 +43,7 @@ class QCut(QWeight):
         self.c = c
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return q.max(dim=1).values.clamp(min=self.c)
+        return q.max(dim=-1).values.clamp(min=self.c)
 
 
 @gin.configurable
@@ -52,7 +56,7 @@ class QReLU(QWeight):
         self.q_neg = q_neg
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return q.max(dim=1).values.clamp(min=-self.q_neg) + self.q_neg
+        return q.max(dim=-1).values.clamp(min=-self.q_neg) + self.q_neg
 
 
 @gin.configurable
@@ -68,20 +72,25 @@ class QExp(QWeight):
         require(beta > 0, f"QExp.beta must be > 0, got {beta}")
         require(0 < momentum <= 1, f"QExp.momentum must be in (0, 1], got {momentum}")
         self.beta, self.momentum, self.clip = beta, momentum, clip
-        self.register_buffer("mean", torch.zeros(()))
-        self.register_buffer("var", torch.ones(()))
+        self.reset(1)
+
+    def reset(self, num_seeds: int) -> None:
+        # per-seed running statistics, shape (N, 1) to broadcast over (N, B)
+        self.register_buffer("mean", torch.zeros(num_seeds, 1))
+        self.register_buffer("var", torch.ones(num_seeds, 1))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            m, v = q.mean(), q.var(unbiased=False)
+            flat = q.reshape(q.shape[0], -1)
+            m, v = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
             # first call: take the batch statistics as they are (no host sync: torch.where)
             k = torch.where(self.initialised, torch.tensor(self.momentum, device=q.device),
                             torch.tensor(1.0, device=q.device))
             self.mean.lerp_(m, k)
             self.var.lerp_(v, k)
             self.initialised.fill_(True)
-        z = (q.max(dim=1).values - self.mean) / self.var.clamp(min=1e-8).sqrt()
+        z = (q.max(dim=-1).values - self.mean) / self.var.clamp(min=1e-8).sqrt()
         return torch.exp(self.beta * z.clamp(-self.clip, self.clip))
 
 
@@ -90,4 +99,4 @@ class Uniform(QWeight):
     """w = 1: no Q-weighting (selection of the best candidate is kept). For ablations."""
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return torch.ones(q.shape[0], device=q.device, dtype=q.dtype)
+        return torch.ones(q.shape[:-1], device=q.device, dtype=q.dtype)

@@ -114,3 +114,24 @@ def test_module_entry_point_help():
 
     out = subprocess.run([sys.executable, "-m", "qvpo", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--tracking-uri" in out.stdout
+
+
+def test_seeds_per_process_make_one_mlflow_run_per_seed(tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = main(["train", "--gin", "demo.gin", "--steps", "150", "--seed", "3", "--experiment", "multi",
+               "--tracking-uri", uri, "--device", "cpu", "--quiet", "--bind", "Trainer.seeds_per_process = 2",
+               *TINY])
+    assert rc == 0
+    ids = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("run_id:")]
+    assert len(ids) == 2
+    client = MlflowClient(uri)
+    runs = [client.get_run(i) for i in ids]
+    assert sorted(r.data.params["Trainer.seed"] for r in runs) == ["3", "4"]
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["seeds_per_process"] == "2"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/return_mean")] == [150]
+        assert client.get_metric_history(r.info.run_id, "loss/critic")
+        assert {f.path for f in client.list_artifacts(r.info.run_id)} >= {"eval.csv", "learning_curve.png", "checkpoints"}

@@ -1,10 +1,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from qvpo.diffusion import DiffusionPolicy, NoiseSchedule, cosine_beta_schedule
+from qvpo.rng import SeedRNG, init_generators
 
 
 def test_cosine_schedule_matches_closed_form():
@@ -35,71 +37,113 @@ def test_posterior_constants_closed_form():
 
 
 class ZeroDenoiser(nn.Module):
-    def forward(self, a_t, t, s):
+    def forward(self, a_t, t, s, T):
         return torch.zeros_like(a_t)
 
 
 class IdentityDenoiser(nn.Module):
-    def forward(self, a_t, t, s):
+    def forward(self, a_t, t, s, T):
         return a_t
 
 
+def gens(n=1, seed=0):
+    return init_generators(list(range(seed, seed + n)))
+
+
 def test_weighted_loss_hand_computed(tiny):
-    pol = DiffusionPolicy(state_dim=3, action_dim=2)
+    pol = DiffusionPolicy(state_dim=3, action_dim=2, generators=gens())
     pol.denoiser = ZeroDenoiser()
-    eps = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
-    w = torch.tensor([0.5, 2.0])
-    states, actions = torch.zeros(2, 3), torch.zeros(2, 2)
-    t = torch.tensor([0, 2])
+    eps = torch.tensor([[[1.0, 2.0], [3.0, 0.0]]])
+    w = torch.tensor([[0.5, 2.0]])
+    states, actions = torch.zeros(1, 2, 3), torch.zeros(1, 2, 2)
+    t = torch.tensor([[0, 2]])
     # rows: mean_d eps^2 = 2.5 and 4.5; weighted mean over rows = (0.5*2.5 + 2*4.5) / 2
     loss = pol.loss(states, actions, w, t=t, eps=eps)
-    assert loss.item() == 5.125
+    assert loss.shape == (1,) and loss.item() == 5.125
     assert pol.loss(states, actions, None, t=t, eps=eps).item() == 3.5
 
 
+def test_loss_is_per_seed(tiny):
+    pol = DiffusionPolicy(state_dim=3, action_dim=2, generators=gens(2))
+    pol.denoiser = ZeroDenoiser()
+    eps = torch.tensor([[[1.0, 2.0]], [[3.0, 0.0]]])
+    loss = pol.loss(torch.zeros(2, 1, 3), torch.zeros(2, 1, 2), torch.ones(2, 1), t=torch.zeros(2, 1, dtype=torch.long), eps=eps)
+    torch.testing.assert_close(loss, torch.tensor([2.5, 4.5]))
+
+
 def test_loss_noises_actions_with_alpha_bar(tiny):
-    pol = DiffusionPolicy(state_dim=1, action_dim=1)
+    pol = DiffusionPolicy(state_dim=1, action_dim=1, generators=gens())
     pol.denoiser = IdentityDenoiser()
     ab = pol.schedule.alpha_bar
-    a, e, t = torch.tensor([[0.5]]), torch.tensor([[-1.0]]), torch.tensor([1])
+    a, e, t = torch.tensor([[[0.5]]]), torch.tensor([[[-1.0]]]), torch.tensor([[1]])
     # prediction = a_t = sqrt(ab) a + sqrt(1 - ab) e; loss = (a_t - e)^2
     expected = (ab[1].sqrt() * 0.5 + (1 - ab[1]).sqrt() * -1.0 + 1.0) ** 2
-    assert torch.isclose(pol.loss(torch.zeros(1, 1), a, torch.ones(1), t=t, eps=e), expected)
+    assert torch.isclose(pol.loss(torch.zeros(1, 1, 1), a, torch.ones(1, 1), t=t, eps=e)[0], expected)
 
 
 def reference_sample(pol: DiffusionPolicy, states, n, noise):
-    """A plain DDPM sampler written from the formulas, one denoiser call per step."""
+    """A plain DDPM sampler written from the formulas, one full denoiser call per step."""
     sch, T = pol.schedule, pol.T
-    s = states.repeat_interleave(n, dim=0)
-    x = noise[0]
+    N, B, _ = states.shape
+    s = states.repeat_interleave(n, dim=1)
+    x = noise[:, 0]
     for i in reversed(range(T)):
-        t = torch.full((x.shape[0],), i, dtype=torch.long)
-        eps = pol.denoiser(x, t, s)
+        t = torch.full(x.shape[:2], i, dtype=torch.long)
+        eps = pol.denoiser(x, t, s, T)
         ab, ab_prev, beta = sch.alpha_bar[i], (sch.alpha_bar[i - 1] if i > 0 else torch.tensor(1.0)), sch.betas[i]
         x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
         x0 = x0.clamp(-1, 1)
         mean = beta * ab_prev.sqrt() / (1 - ab) * x0 + (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab) * x
         if i > 0:
-            mean = mean + (beta * (1 - ab_prev) / (1 - ab)).sqrt() * noise[T - i]
+            mean = mean + (beta * (1 - ab_prev) / (1 - ab)).sqrt() * noise[:, T - i]
         x = mean
-    return x.clamp(-1, 1).view(states.shape[0], n, -1)
+    return x.clamp(-1, 1).view(N, B, n, -1)
 
 
-def test_sampler_matches_plain_reference(tiny):
+@pytest.mark.parametrize("block_rows", [2048, 7, 15, 1])  # one block; a state per block; 2 per block; 1
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_sampler_matches_plain_reference(tiny, block_rows, seeds):
+    """The fast sampler (split first layer, cache blocks, in-place Mish) = the plain DDPM loop."""
+    import gin
+    gin.bind_parameter("DiffusionPolicy.block_rows", block_rows)
     torch.manual_seed(0)
-    pol = DiffusionPolicy(state_dim=4, action_dim=2)
-    states = torch.randn(5, 4)
-    noise = torch.randn(pol.T, 5 * 7, 2)
+    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(seeds))
+    states = torch.randn(seeds, 5, 4)
+    noise = torch.randn(seeds, pol.T, 5 * 7, 2)
     fast = pol.sample(states, 7, noise=noise)
     slow = reference_sample(pol, states, 7, noise)
-    assert fast.shape == (5, 7, 2)
+    assert fast.shape == (seeds, 5, 7, 2)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_samples_in_bounds_and_differ_across_candidates(tiny):
+def test_bf16_sampler_close_to_fp32(tiny):
     torch.manual_seed(0)
-    pol = DiffusionPolicy(state_dim=4, action_dim=3)
-    a = pol.sample(torch.randn(6, 4), 5)
-    assert a.shape == (6, 5, 3)
+    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens())
+    states, noise = torch.randn(1, 16, 4), torch.randn(1, pol.T, 16 * 8, 2)
+    fp32 = pol.sample(states, 8, noise=noise)
+    pol.precision = "bf16"
+    bf16 = pol.sample(states, 8, noise=noise)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max() < 0.05  # bfloat16 keeps 8 mantissa bits
+    assert (bf16 - fp32).abs().max() > 0     # and it did run in reduced precision
+
+
+def test_samples_in_bounds_and_differ_across_candidates(tiny):
+    pol = DiffusionPolicy(state_dim=4, action_dim=3, generators=gens())
+    a = pol.sample(torch.randn(1, 6, 4), 5, SeedRNG([0], "cpu"))
+    assert a.shape == (1, 6, 5, 3)
     assert a.abs().max() <= 1.0
-    assert (a[:, 0] - a[:, 1]).abs().max() > 1e-3  # independent chains
+    assert (a[:, :, 0] - a[:, :, 1]).abs().max() > 1e-3  # independent chains
+
+
+def test_seed_streams_give_each_seed_its_own_samples(tiny):
+    """Seed k's samples in a batch of seeds equal those of seed k alone (same weights, stream)."""
+    both = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(2, seed=5))
+    alone = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(1, seed=6))
+    for p_alone, p_both in zip(alone.parameters(), both.parameters()):
+        torch.testing.assert_close(p_alone[0], p_both[1])  # same init for seed 6
+    states = torch.randn(2, 3, 4)
+    a2 = both.sample(states, 4, SeedRNG([5, 6], "cpu"))
+    a1 = alone.sample(states[1:], 4, SeedRNG([6], "cpu"))
+    torch.testing.assert_close(a2[1:], a1, rtol=1e-5, atol=1e-6)
+    assert (a2[0] - a2[1]).abs().max() > 1e-3

@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qvpo.nets import Denoiser, TwinQ, init_linear, mish, sinusoidal_embedding
+from qvpo.nets import Denoiser, SeedLinear, TwinQ, init_linear, mish, mish_, sinusoidal_embedding
+from qvpo.rng import init_generators
 
 
 def test_fast_mish_is_exact():
@@ -13,23 +14,36 @@ def test_fast_mish_is_exact():
     (g_fast,) = torch.autograd.grad(mish(x).sum(), x)
     (g_ref,) = torch.autograd.grad(F.mish(x).sum(), x)
     torch.testing.assert_close(g_fast, g_ref)
+    y = torch.linspace(-30, 30, 10001)
+    torch.testing.assert_close(mish_(y.clone()), F.mish(y), rtol=1e-5, atol=5e-6)  # in-place form
 
 
 def test_reference_init_std():
-    torch.manual_seed(0)
-    q = TwinQ(100, 28, hidden=(256, 256))
+    q = TwinQ(100, 28, init_generators([0]), hidden=(256, 256))
     first = q.q1[0]
-    assert first.in_features == 128
+    assert first.in_features == 128 and first.weight.shape == (1, 128, 256)
     assert abs(first.weight.std().item() - 1 / (2 * math.sqrt(128))) < 0.002
     assert first.bias.abs().max() == 0
 
 
-def test_torch_init_keeps_pytorch_default():
+def test_torch_init_matches_pytorch_default_bounds():
     import gin
     gin.parse_config("init_linear.scheme = 'torch'")
-    torch.manual_seed(0)
-    q = TwinQ(100, 28, hidden=(256,))
-    assert q.q1[0].bias.abs().max() > 0  # PyTorch's default bias init is not zero
+    q = TwinQ(100, 28, init_generators([0]), hidden=(256,))
+    w, b = q.q1[0].weight, q.q1[0].bias
+    bound = 1 / math.sqrt(128)
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # U(-1/sqrt(fan_in), +)
+    assert b.abs().max() > 0
+
+
+def test_seed_linear_is_n_independent_linears():
+    lin = SeedLinear(3, 4, 5)
+    init_linear(lin, init_generators([0, 1, 2]))
+    x = torch.randn(3, 7, 4)
+    out = lin(x)
+    for k in range(3):
+        torch.testing.assert_close(out[k], x[k] @ lin.weight[k] + lin.bias[k])
+    assert not torch.equal(lin.weight[0], lin.weight[1])  # each seed its own init
 
 
 def test_sinusoidal_embedding_values():
@@ -41,7 +55,7 @@ def test_sinusoidal_embedding_values():
 
 
 def test_denoiser_shapes():
-    d = Denoiser(5, 2, hidden=(16,), time_dim=8, time_hidden=16)
-    out = d(torch.randn(7, 2), torch.randint(0, 3, (7,)), torch.randn(7, 5))
-    assert out.shape == (7, 2)
+    d = Denoiser(5, 2, init_generators([0, 1]), hidden=(16,), time_dim=8, time_hidden=16)
+    out = d(torch.randn(2, 7, 2), torch.randint(0, 3, (2, 7)), torch.randn(2, 7, 5), T=3)
+    assert out.shape == (2, 7, 2)
     assert d.body[0].in_features == 2 + 8 + 5  # [a_t, time embedding, s]

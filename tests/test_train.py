@@ -13,16 +13,51 @@ def build(*extra):
     return Trainer()
 
 
+def record_env(t):
+    """Log what the training env really returned: per step (obs, action, reward, next_obs)."""
+    env, log, cur = t.envs[0], [], {}
+    reset, step = env.reset, env.step
+
+    def rec_reset(*args, **kwargs):
+        out = reset(*args, **kwargs)
+        cur["obs"] = out[0]
+        return out
+
+    def rec_step(action):
+        out = step(action)
+        log.append((cur["obs"], np.asarray(action), out[1], out[0]))
+        cur["obs"] = out[0]
+        return out
+
+    env.reset, env.step = rec_reset, rec_step
+    return log
+
+
+def f32(x):
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+
+def terminal_flags(buffer, n):
+    """The stored terminal flag of each of the first n added transitions."""
+    return [float(buffer.transition(i).terminal) for i in range(n)]
+
+
 def test_truncation_bootstraps_by_default():
     t = build("Trainer.env_id = 'Pendulum-v1'", "make_env.max_episode_steps = 5",
               "Trainer.total_steps = 20", "Trainer.warmup_steps = 20", "Trainer.eval_every = 100")
-    res = t.run()
-    b = t.buffer
+    log = record_env(t)
+    [res] = t.run()
+    b = t.buffers[0]
     assert [s for s, _ in res.episodes] == [5, 10, 15, 20]
-    assert b.terminal[:20].sum() == 0  # Pendulum only truncates: every transition bootstraps
+    assert len(b) == 20 and len(log) == 20
+    assert terminal_flags(b, 20) == [0.0] * 20  # Pendulum only truncates: every transition bootstraps
     # the stored next observation at a truncation is the real last one, not the reset's
-    assert not torch.allclose(b.next_obs[4], b.obs[5])
-    torch.testing.assert_close(b.next_obs[3], b.obs[4])
+    assert not torch.allclose(b.transition(4).next_obs, b.transition(5).obs)
+    torch.testing.assert_close(b.transition(3).next_obs, b.transition(4).obs)
+    for i, (obs, action, reward, next_obs) in enumerate(log):  # every stored transition is exact
+        tr = b.transition(i)
+        assert torch.equal(tr.obs, f32(obs)) and torch.equal(tr.next_obs, f32(next_obs))
+        assert torch.equal(tr.action, f32(action)) and tr.reward.item() == np.float32(reward)
     t.close()
 
 
@@ -33,27 +68,30 @@ def test_truncation_as_terminal_reproduces_the_reference():
               "Trainer.total_steps = 20", "Trainer.warmup_steps = 20", "Trainer.eval_every = 100",
               "Trainer.truncation_is_terminal = True")
     t.run()
-    assert t.buffer.terminal[:20].nonzero().flatten().tolist() == [4, 9, 14, 19]
+    flags = terminal_flags(t.buffers[0], 20)
+    assert [i for i, f in enumerate(flags) if f] == [4, 9, 14, 19]
+    assert set(flags) == {0.0, 1.0}
     t.close()
 
 
 def test_termination_is_terminal():
     t = build("Trainer.env_id = 'InvertedPendulum-v5'", "Trainer.total_steps = 60",
               "Trainer.warmup_steps = 60", "Trainer.eval_every = 1000")
-    res = t.run()
+    [res] = t.run()
     ends = [s for s, _ in res.episodes]
     assert len(ends) >= 2  # random actions topple the pole within a few dozen steps
-    term = t.buffer.terminal[:60].nonzero().flatten().tolist()
-    assert term == [s - 1 for s in ends]
+    flags = terminal_flags(t.buffers[0], 60)
+    assert [i for i, f in enumerate(flags) if f] == [s - 1 for s in ends]
+    assert set(flags) <= {0.0, 1.0}
     t.close()
 
 
 def test_metric_accumulator_averages_tensors_and_floats():
     acc = MetricAccumulator()
-    acc.add({"a": torch.tensor(1.0), "b": 2.0})
-    acc.add({"a": torch.tensor(3.0), "b": 4.0})
-    assert acc.pop() == {"a": 2.0, "b": 3.0}
-    assert acc.pop() == {}
+    acc.add({"a": torch.tensor([1.0, 10.0]), "b": 2.0})
+    acc.add({"a": torch.tensor([3.0, 30.0]), "b": 4.0})
+    assert acc.pop(2) == [{"a": 2.0, "b": 3.0}, {"a": 20.0, "b": 3.0}]
+    assert acc.pop(2) == [{}, {}]
 
 
 def test_same_seed_same_run():
@@ -63,7 +101,7 @@ def test_same_seed_same_run():
         import qvpo.config  # noqa: F401
         t = build("Trainer.env_id = 'Pendulum-v1'", "Trainer.total_steps = 40", "Trainer.warmup_steps = 20",
                   "Trainer.eval_every = 40", "make_env.max_episode_steps = 10", "Trainer.seed = 3")
-        res = t.run()
+        [res] = t.run()
         runs.append((res.episodes, [e.returns for e in res.evaluations],
                      [p.detach().clone() for p in t.agent.policy.parameters()]))
         t.close()
@@ -71,3 +109,26 @@ def test_same_seed_same_run():
     for a, b in zip(runs[0][2], runs[1][2]):
         assert torch.equal(a, b)
     assert np.isfinite(runs[0][1][0]).all()
+
+
+def test_seeds_per_process_match_separate_trainers():
+    """Seed k of a 2-seed process trains like a 1-seed process started with seed k."""
+    common = ["Trainer.env_id = 'Pendulum-v1'", "Trainer.total_steps = 60", "Trainer.warmup_steps = 30",
+              "Trainer.eval_every = 60", "make_env.max_episode_steps = 15"]
+    gin.clear_config()
+    import qvpo.config  # noqa: F401
+    t2 = build(*common, "Trainer.seed = 4", "Trainer.seeds_per_process = 2")
+    both = t2.run()
+    p2 = [p.detach().clone() for p in t2.agent.policy.parameters()]
+    t2.close()
+    assert len(both) == 2 and both[0].episodes != both[1].episodes  # different env streams
+    for k, seed in enumerate((4, 5)):
+        gin.clear_config()
+        t1 = build(*common, f"Trainer.seed = {seed}")
+        [alone] = t1.run()
+        assert [s for s, _ in alone.episodes] == [s for s, _ in both[k].episodes]
+        np.testing.assert_allclose([r for _, r in alone.episodes], [r for _, r in both[k].episodes], rtol=1e-4)
+        np.testing.assert_allclose(alone.evaluations[0].returns, both[k].evaluations[0].returns, rtol=1e-3)
+        for a, b in zip(t1.agent.policy.parameters(), p2):
+            torch.testing.assert_close(a[0], b[k], rtol=1e-4, atol=1e-5)
+        t1.close()

@@ -20,12 +20,16 @@ def test_qrelu_shifts_to_non_negative():
     torch.testing.assert_close(QReLU(q_neg=2.0)(Q), torch.tensor([5.0, 7.0, 1.0]))
 
 
-def test_qexp_uses_running_stats_and_clips():
+def test_qexp_uses_running_stats_per_seed_and_clips():
     w = QExp(beta=1.0, momentum=1.0)
-    out = w(Q)
-    mean, std = Q.mean(), Q.var(unbiased=False).sqrt()
-    torch.testing.assert_close(out, torch.exp((Q.max(1).values - mean) / std))
-    big = torch.tensor([[1e9, 0.0]])
+    w.reset(2)
+    q = torch.stack([Q, 10 * Q])  # (seeds, states, candidates)
+    out = w(q)
+    for k in range(2):
+        mean, std = q[k].mean(), q[k].var(unbiased=False).sqrt()
+        torch.testing.assert_close(out[k], torch.exp((q[k].max(1).values - mean) / std))
+    torch.testing.assert_close(out[0], out[1])  # scale-free
+    big = torch.tensor([[[1e9, 0.0]]])
     w2 = QExp(beta=1.0, momentum=1.0)
     assert w2(big).item() <= torch.exp(torch.tensor(8.0)).item() + 1e-3
 

@@ -21,42 +21,48 @@ import gin
 import torch
 
 from qvpo.agents.base import Agent
-from qvpo.buffers import Batch, ReplayBuffer
+from qvpo.buffers import Batch, SeedBuffers
 from qvpo.diffusion import DiffusionPolicy
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ
 from qvpo.optim import adam, clip_and_step, soft_update
+from qvpo.rng import SeedRNG, init_generators
 from qvpo.schedules import LinearDecay
 from qvpo.timing import PhaseTimer
 from qvpo.weights import QAdv, QWeight
 
 
 @torch.no_grad()
-def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Tensor,
-                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Tensor, k: int,
+                       rng: SeedRNG | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The K-efficient policy: argmax over k sampled actions of min(Q1, Q2).
 
-    Returns (best actions (B, A), Q of all candidates (B, k)). With k = 1 the critic is skipped.
+    states (N, B, S) -> (best actions (N, B, A), Q of all candidates (N, B, k)). With k = 1 the
+    critic is skipped (Q returned as zeros).
     """
-    B = states.shape[0]
-    candidates = policy.sample(states, k)  # (B, k, A)
+    N, B, _ = states.shape
+    candidates = policy.sample(states, k, rng)  # (N, B, k, A)
     if k == 1:
-        return candidates[:, 0], torch.zeros(B, 1, device=states.device)
-    q = critic.q_min(states.repeat_interleave(k, dim=0), candidates.flatten(0, 1)).view(B, k)
-    best = q.argmax(dim=1)
-    return candidates[torch.arange(B, device=states.device), best], q
+        return candidates[:, :, 0], torch.zeros(N, B, 1, device=states.device)
+    q = critic.q_min(states.repeat_interleave(k, dim=1), candidates.flatten(1, 2)).view(N, B, k)
+    best = q.argmax(dim=-1)
+    return torch.gather(candidates, 2, best[..., None, None].expand(-1, -1, 1, candidates.shape[-1]))[:, :, 0], q
 
 
 @gin.configurable
 class QVPO(Agent):
     """QVPO agent. Every default is the reference code's (QVPO.md); gin/algos/qvpo.gin restates them.
 
+    Trains len(seeds) independent seeds at once: every network, optimiser state, random stream
+    and replay buffer has a leading seed dimension, and the seeds never mix (per-seed losses,
+    per-seed gradient clipping; Adam is elementwise).
+
     Args:
       batch_size: minibatch size, for the critic and (separately drawn) for the policy step.
       gamma: discount.
       tau: soft-update rate of the target critic and the EMA target policy.
       policy_lr, critic_lr: Adam learning rates.
-      grad_clip: max gradient norm for both networks (None = no clip).
+      grad_clip: max gradient norm per seed for both networks (None = no clip).
       train_candidates: Nd, policy samples per state for the policy step.
       uniform_samples: Ne, uniform actions per state in the entropy term.
       behavior_candidates: Kb, candidates when acting in the env.
@@ -72,6 +78,7 @@ class QVPO(Agent):
 
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
+                 seeds: tuple[int, ...] = (0,),
                  batch_size: int = 256,
                  gamma: float = 0.99,
                  tau: float = 0.005,
@@ -97,28 +104,34 @@ class QVPO(Agent):
         require(0 < tau <= 1, f"QVPO.tau must be in (0, 1], got {tau}")
         require(policy_lr > 0 and critic_lr > 0,
                 f"QVPO learning rates must be > 0, got policy_lr={policy_lr}, critic_lr={critic_lr}")
+        require(len(seeds) >= 1, "QVPO needs at least one seed")
         self.device = torch.device(device)
         self.total_steps = total_steps
         self.timer = timer or PhaseTimer(self.device)
+        self.seeds = list(seeds)
         self.batch_size, self.gamma, self.tau, self.grad_clip = batch_size, gamma, tau, grad_clip
         self.Nd, self.Ne = train_candidates, uniform_samples
         self.Kb, self.Kt, self.K_eval = behavior_candidates, target_candidates, eval_candidates
         self.shared_batch = shared_batch
         self.action_dim = action_dim
 
-        self.policy = DiffusionPolicy(obs_dim, action_dim).to(self.device)
+        init = init_generators(self.seeds)  # policy first, then critic: per-seed init streams
+        self.policy = DiffusionPolicy(obs_dim, action_dim, init).to(self.device)
         self.policy_target = copy.deepcopy(self.policy).requires_grad_(False)  # EMA policy
-        self.critic = TwinQ(obs_dim, action_dim).to(self.device)
+        self.critic = TwinQ(obs_dim, action_dim, init).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.q_weight = (q_weight if q_weight is not None else QAdv()).to(self.device)
+        self.q_weight = q_weight if q_weight is not None else QAdv()
+        self.q_weight.reset(len(self.seeds))
+        self.q_weight.to(self.device)
         self.entropy_weight = entropy_weight or LinearDecay()
         self.policy_opt = optimizer(self.policy.parameters(), lr=policy_lr)
         self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
+        self.rng = SeedRNG(self.seeds, self.device)
 
     # ---------------------------------------------------------------- acting
     def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
         k = self.Kb if explore else self.K_eval
-        action, _ = best_of_candidates(self.policy, self.critic, obs, k)
+        action, _ = best_of_candidates(self.policy, self.critic, obs, k, self.rng)
         return action
 
     # ---------------------------------------------------------------- learning
@@ -130,72 +143,74 @@ class QVPO(Agent):
         """
         with self.timer.phase("sampling"):
             next_action, _ = best_of_candidates(self.policy_target, self.critic_target,
-                                                batch.next_obs, self.Kt)
+                                                batch.next_obs, self.Kt, self.rng)
         with self.timer.phase("critic"):
             q_next = self.critic_target.q_min(batch.next_obs, next_action)
             return batch.reward + self.gamma * (1.0 - batch.terminal) * q_next
 
-    def update(self, buffer: ReplayBuffer, step: int) -> dict[str, torch.Tensor | float]:
+    def update(self, buffers: SeedBuffers, step: int) -> dict[str, torch.Tensor | float]:
         timer = self.timer
         # 1. critic: clipped double-Q towards the best of Kt target-policy candidates
-        batch = buffer.sample(self.batch_size)
+        batch = buffers.sample(self.batch_size)
         y = self.td_target(batch)
         with timer.phase("critic"):
             q1, q2 = self.critic(batch.obs, batch.action)
-            critic_loss = (q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()
+            critic_loss = (q1 - y).pow(2).mean(dim=-1) + (q2 - y).pow(2).mean(dim=-1)  # (N,)
             self.critic_opt.zero_grad(set_to_none=True)
-            critic_loss.backward()
+            critic_loss.sum().backward()  # seeds have disjoint parameters: sum = per-seed gradients
             critic_grad = clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
 
         # 2. Nd candidates per state of a fresh minibatch, scored by the updated critic
-        states = batch.obs if self.shared_batch else buffer.sample(self.batch_size).obs
-        B, A = states.shape[0], self.action_dim
+        states = batch.obs if self.shared_batch else buffers.sample(self.batch_size).obs
+        N, B, A = states.shape[0], states.shape[1], self.action_dim
         with timer.phase("sampling"):
-            best_action, q = best_of_candidates(self.policy, self.critic, states, self.Nd)
+            best_action, q = best_of_candidates(self.policy, self.critic, states, self.Nd, self.rng)
 
         with timer.phase("actor"):
             # 3. the weight of each state's best candidate
-            w = self.q_weight(q).detach()
+            w = self.q_weight(q).detach()  # (N, B)
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
             omega = self.entropy_weight(step, self.total_steps)
-            uniform = torch.rand(B * self.Ne, A, device=self.device) * 2.0 - 1.0
+            uniform = self.rng.rand(B * self.Ne, A) * 2.0 - 1.0
             # 5. one weighted denoising loss over both blocks (mean over all B + B*Ne rows)
-            loss_states = torch.cat([states, states.repeat_interleave(self.Ne, dim=0)])
-            loss_actions = torch.cat([best_action, uniform])
-            loss_weights = torch.cat([w, (omega * w).repeat_interleave(self.Ne)])
-            policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights)
+            loss_states = torch.cat([states, states.repeat_interleave(self.Ne, dim=1)], dim=1)
+            loss_actions = torch.cat([best_action, uniform], dim=1)
+            loss_weights = torch.cat([w, (omega * w).repeat_interleave(self.Ne, dim=1)], dim=1)
+            policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights, self.rng)  # (N,)
             self.policy_opt.zero_grad(set_to_none=True)
-            policy_loss.backward()
+            policy_loss.sum().backward()
             policy_grad = clip_and_step(self.policy_opt, self.policy.parameters(), self.grad_clip)
 
             # 6. targets
             soft_update(self.critic_target, self.critic, self.tau)
             soft_update(self.policy_target, self.policy, self.tau)
 
-        return {
+        return {  # each (N,): one value per seed
             "loss/critic": critic_loss.detach(),
             "loss/actor": policy_loss.detach(),
-            "q/mean": q1.detach().mean(),
-            "q/target_mean": y.mean(),
-            "q/candidates_mean": q.mean(),
-            "q/candidates_std": q.std(dim=1).mean(),
-            "qweight/mean": w.mean(),
-            "qweight/frac_zero": (w == 0).float().mean(),
+            "q/mean": q1.detach().mean(dim=-1),
+            "q/target_mean": y.mean(dim=-1),
+            "q/candidates_mean": q.mean(dim=(1, 2)),
+            "q/candidates_std": q.std(dim=-1).mean(dim=-1),
+            "qweight/mean": w.mean(dim=-1),
+            "qweight/frac_zero": (w == 0).float().mean(dim=-1),
             "entropy/weight": omega,
-            "grad/critic_norm": critic_grad.detach(),
-            "grad/actor_norm": policy_grad.detach(),
+            "grad/critic_norm": critic_grad,
+            "grad/actor_norm": policy_grad,
         }
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
+            "seeds": self.seeds,
             "policy": self.policy.state_dict(), "policy_target": self.policy_target.state_dict(),
             "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
             "q_weight": self.q_weight.state_dict(),
             "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+            "rng": self.rng.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
-                     "policy_opt", "critic_opt"):
+                     "policy_opt", "critic_opt", "rng"):
             getattr(self, name).load_state_dict(state[name])

@@ -1,0 +1,50 @@
+"""Per-seed random streams: every random draw of an agent comes from its seed's own generator.
+
+With N seeds trained in one process, seed k's draws are exactly those it would make if it were
+trained alone (same generator, same order of draws), so a batched run and N separate runs see
+the same noise. Draws are returned with a leading seed dimension: (N, *shape).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# offsets keep the streams of one seed apart (network init, noise on the device)
+INIT_STREAM, NOISE_STREAM = 0, 1_000_003
+
+
+def init_generators(seeds: list[int]) -> list[torch.Generator]:
+    """CPU generators for network initialisation (the same init on CPU and CUDA)."""
+    return [torch.Generator().manual_seed(INIT_STREAM + s) for s in seeds]
+
+
+class SeedRNG:
+    """N generators on `device`; randn / rand / randint return (N, *shape)."""
+
+    def __init__(self, seeds: list[int], device: torch.device | str):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(NOISE_STREAM + s) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _stack(self, draw) -> torch.Tensor:
+        if len(self.generators) == 1:
+            return draw(self.generators[0]).unsqueeze(0)
+        return torch.stack([draw(g) for g in self.generators])
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return self._stack(lambda g: torch.randn(shape, generator=g, device=self.device))
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return self._stack(lambda g: torch.rand(shape, generator=g, device=self.device))
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        return self._stack(lambda g: torch.randint(0, high, shape, generator=g, device=self.device))
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def load_state_dict(self, states: list[torch.Tensor]) -> None:
+        for g, s in zip(self.generators, states):
+            g.set_state(s)

@@ -1,0 +1,181 @@
+"""ReplayBuffer: every sample is an exact added transition, across episode ends and wrap-around."""
+
+import numpy as np
+import pytest
+import torch
+
+from qvpo.buffers import ReplayBuffer
+from qvpo.errors import ConfigError
+
+S, A = 4, 2  # obs[0] holds a unique observation id, so each stored row can be told apart
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def episodes(seed, n_steps, max_len=8, reset_equals_last=0.0):
+    """An env-step stream as the trainer adds it: (obs, action, reward, next_obs, terminal)
+    float32 rows in order, episodes of random length 1..max_len, half terminated, half truncated;
+    after an episode the next obs is a fresh reset observation (with probability
+    `reset_equals_last` bit-for-bit the final next obs). Also returns the episode boundaries:
+    the add() indices whose next_obs is not the following add's obs."""
+    rng = np.random.default_rng(seed)
+    ids = iter(range(10**7))
+
+    def new_obs():
+        v = rng.standard_normal(S).astype(np.float32)
+        v[0] = next(ids)
+        return v
+
+    out, ends = [], []
+    obs = new_obs()
+    while len(out) < n_steps:
+        length, terminated = int(rng.integers(1, max_len + 1)), bool(rng.random() < 0.5)
+        for t in range(length):
+            nxt = new_obs()
+            last = t == length - 1
+            out.append((obs, rng.uniform(-1, 1, A).astype(np.float32), np.float32(rng.standard_normal()),
+                        nxt, float(terminated and last)))
+            obs = nxt
+        reset = obs.copy() if rng.random() < reset_equals_last else new_obs()
+        if not np.array_equal(reset, obs):
+            ends.append(len(out) - 1)
+        obs = reset
+    return out[:n_steps], [e for e in ends if e < n_steps - 1]
+
+
+def key(obs, action, reward, next_obs, terminal) -> bytes:
+    return np.concatenate([obs, action, [reward], next_obs, [terminal]]).astype(np.float32).tobytes()
+
+
+def batch_keys(b) -> list[bytes]:
+    m = torch.cat([b.obs, b.action, b.reward[:, None], b.next_obs, b.terminal[:, None]], 1)
+    return [row.tobytes() for row in m.cpu().numpy()]
+
+
+def expected_stored(n_added, ends, capacity):
+    """Spec of what a capacity-`capacity` buffer keeps after `n_added` adds: transition k uses
+    observation rows p_k (its obs) and p_k + 1 (its next obs), p advancing by one row per step and
+    by one more after an episode end; the ring keeps the latest capacity + 1 rows."""
+    p, rows, ends = [], 0, set(ends)
+    for k in range(n_added):
+        p.append(rows)
+        rows += 2 if k in ends else 1
+    newest = p[-1] + 1 if p else -1
+    return [k for k in range(n_added) if p[k] >= newest - capacity]
+
+
+def fill(buf, stream, chunk=None):
+    if chunk is None:
+        for tr in stream:
+            buf.add(*tr)
+    else:
+        for s in range(0, len(stream), chunk):
+            rows = stream[s:s + chunk]
+            buf.add_batch(*[np.stack([r[f] for r in rows]) for f in range(5)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_samples_are_exact_transitions_and_cover_all(device, chunk):
+    stream, ends = episodes(0, 300)
+    assert len(ends) > 30
+    buf = ReplayBuffer(S, A, capacity=1000, device=device)
+    buf.seed(0)
+    fill(buf, stream, chunk)
+    added = {key(*tr): k for k, tr in enumerate(stream)}
+    assert len(buf) == len(stream) == buf.num_added
+    seen = set()
+    for _ in range(100):
+        b = buf.sample(256)
+        assert b.obs.shape == (256, S) and b.next_obs.shape == (256, S) and b.action.shape == (256, A)
+        assert b.reward.shape == (256,) and b.terminal.shape == (256,)
+        assert all(x.dtype == torch.float32 and x.device.type == device for x in b)
+        ks = batch_keys(b)
+        assert all(k in added for k in ks)  # exact: never a pair spanning two episodes
+        seen.update(added[k] for k in ks)
+    assert seen == set(range(len(stream)))  # every transition (truncated ends too) comes back
+    assert buf.transitions().obs.shape == (300, S)
+    assert batch_keys(buf.transitions()) == [key(*tr) for tr in stream]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity", [1, 2, 5, 17])
+def test_wraparound_keeps_only_the_latest_whole_transitions(device, capacity):
+    stream, ends = episodes(capacity, 40 * (capacity + 1), max_len=6)
+    added = {key(*tr): k for k, tr in enumerate(stream)}
+    buf = ReplayBuffer(S, A, capacity=capacity, device=device)
+    buf.seed(1)
+    for n, tr in enumerate(stream, start=1):
+        buf.add(*tr)
+        expected = expected_stored(n, [e for e in ends if e < n], capacity)
+        # (3) len() = the sampleable transitions, the latest ones that still have both rows
+        assert buf.stored_indices() == expected
+        assert len(buf) == len(expected) == int(buf.valid.sum())
+        assert expected == list(range(n - len(expected), n))  # a suffix of what was added
+        assert len(expected) >= 1  # the transition just added is always sampleable
+        if n % 3 == 0 or n > len(stream) - 5:
+            got = [added.get(k) for k in batch_keys(buf.sample(64))]
+            assert None not in got  # no pair across episodes, none with an overwritten next row
+            assert set(got) <= set(expected)
+        if n % 11 == 0:
+            assert batch_keys(buf.transitions()) == [key(*stream[k]) for k in expected]
+            for k in (expected[0], expected[-1]):
+                one = buf.transition(k)
+                assert one.obs.shape == (S,) and one.reward.shape == () and one.terminal.shape == ()
+                assert key(*(x.cpu().numpy() for x in one)) == key(*stream[k])
+    # an unbroken stream keeps exactly `capacity` transitions
+    run = [(np.full(S, i, np.float32), np.zeros(A, np.float32), 0.0, np.full(S, i + 1, np.float32), 0.0)
+           for i in range(3 * capacity + 2)]
+    fill(buf, run)
+    assert len(buf) == capacity
+
+
+def test_reset_equal_to_final_obs_is_still_exact():
+    stream, ends = episodes(5, 200, reset_equals_last=0.5)
+    added = {key(*tr): k for k, tr in enumerate(stream)}
+    buf = ReplayBuffer(S, A, capacity=50)
+    buf.seed(0)
+    fill(buf, stream)
+    assert set(added[k] for k in batch_keys(buf.sample(2000))) == set(buf.stored_indices())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_batch_equals_add_loop(device):
+    stream, _ = episodes(3, 500)
+    bufs = []
+    for chunk in [None, 1, 13, 500]:
+        buf = ReplayBuffer(S, A, capacity=60, device=device)  # chunks wrap the ring
+        buf.seed(7)
+        fill(buf, stream, chunk)
+        bufs.append(buf)
+    ref = bufs[0]
+    for buf in bufs[1:]:
+        assert buf.stored_indices() == ref.stored_indices() and len(buf) == len(ref)
+        assert batch_keys(buf.transitions()) == batch_keys(ref.transitions())
+        buf.seed(7)
+        ref.seed(7)
+        for _ in range(3):  # same seed, same bookkeeping: the same minibatches
+            assert batch_keys(buf.sample(32)) == batch_keys(ref.sample(32))
+
+
+def test_transition_index_errors_and_bad_capacity():
+    buf = ReplayBuffer(S, A, capacity=3)
+    with pytest.raises(ValueError):
+        buf.sample(1)
+    with pytest.raises(IndexError):
+        buf.transition(0)
+    for i in range(10):  # one continuing episode
+        buf.add(np.full(S, i, np.float32), np.zeros(A), 1.0, np.full(S, i + 1, np.float32), False)
+    assert buf.stored_indices() == [7, 8, 9]
+    assert buf.transition(-1).next_obs.tolist() == [10.0] * S
+    with pytest.raises(IndexError):
+        buf.transition(6)
+    for bad in [0, -1, 2.0, True]:
+        with pytest.raises(ConfigError):
+            ReplayBuffer(S, A, capacity=bad)
+
+
+def test_humanoid_million_buffer_fits_in_1_6_gb():
+    buf = ReplayBuffer(348, 17, capacity=1_000_000)  # uninitialised storage: nothing is filled
+    assert buf.nbytes <= 1.6e9
+    # each observation once: well under the 2.86e9 bytes of separate obs and next_obs arrays
+    assert buf.nbytes < 1_000_001 * (348 + 17 + 2) * 4 + 30e6
