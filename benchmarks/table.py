@@ -19,7 +19,7 @@ def main(path: str) -> None:
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     print(f"Machine: {cpu.get('brand_raw', m.get('processor', '?'))}, {cpu.get('count', '?')} cores, "
           f"Python {m.get('python_version')}; ISA: {', '.join(isa) or 'n/a'}; {data['datetime']}\n")
-    bench = {b["name"].split("[")[0]: b for b in data["benchmarks"]}
+    bench = {b["name"]: b for b in data["benchmarks"]}
     fmt = lambda x: f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.3f} s"  # noqa: E731
 
     floors = {}
@@ -51,7 +51,8 @@ def main(path: str) -> None:
     print("|---|---|---|---|---|---|---|")
     for b in data["benchmarks"]:
         st, name = b["stats"], b["name"]
-        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_bf16_sampler": "bf16",
+        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_fast_modes[fp32-True]": "fp32",
+               "test_qvpo_update_fast_modes[bf16-False]": "bf16", "test_qvpo_update_fast_modes[bf16-True]": "bf16",
                "test_qvpo_behaviour_action_kb4": "act_kb4", "test_qvpo_eval_action_k32": "act_k32"}.get(name)
         x_floor = f"{st['median'] / floors[key]:.2f}" if key in floors else ""
         vs_ref = f"{REFERENCE_UPDATE_S / st['median']:.2f}x" if key in ("fp32", "bf16") else ""

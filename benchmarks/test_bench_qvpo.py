@@ -29,17 +29,20 @@ def agent_and_buffer():
     return QVPO(OBS, ACT, device="cpu"), _buffers()
 
 
-def test_qvpo_update_bf16_sampler(benchmark):
-    agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
-    agent.policy.precision = agent.policy_target.precision = "bf16"
-    benchmark.extra_info["what"] = "one QVPO update, sampler in bf16 (DiffusionPolicy.precision = 'bf16')"
-    benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
-
-
 def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
     agent, buf = agent_and_buffer
-    benchmark.extra_info["what"] = "one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32"
+    benchmark.extra_info["what"] = "one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32, eager"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("precision,compile", [("fp32", True), ("bf16", False), ("bf16", True)])
+def test_qvpo_update_fast_modes(benchmark, precision, compile):
+    """The opt-in modes: torch.compile of the denoising step, and the bf16 sampler."""
+    agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
+    for pol in (agent.policy, agent.policy_target):
+        pol.precision, pol.compile = precision, compile
+    benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}{' + torch.compile' if compile else ''}"
+    benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=2)
 
 
 def test_qvpo_behaviour_action_kb4(benchmark, agent_and_buffer):

@@ -11,6 +11,7 @@ import math
 
 import gin
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qvpo.errors import require
@@ -20,33 +21,19 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     """Exact Mish, x * tanh(softplus(x)), written with one exp.
 
     tanh(log(1 + e^x)) = n / (n + 2) with n = e^x (e^x + 2). On CPU this is 2-3x faster than
-    F.mish (see QVPO.md, "Cost"); the clamp only avoids inf for x > 20, where n / (n + 2) == 1
-    to float32 precision anyway.
+    F.mish on large tensors (see QVPO.md, "Cost"; `make bench` measures both); the clamp only
+    avoids inf for x > 20, where n / (n + 2) == 1 to float32 precision anyway.
     """
+    if x.numel() < 65536:  # small tensors are launch-bound: one library kernel beats five
+        return F.mish(x)
     e = torch.exp(x.clamp(max=20.0))
     n = e * (e + 2.0)
     return x * n / (n + 2.0)
 
 
-def mish_(x: torch.Tensor) -> torch.Tensor:
-    """In-place exact Mish for inference (no autograd): x <- x * n / (n + 2), n = e^x (e^x + 2).
-
-    Same formula as `mish`, written with two scratch tensors and in-place ops so a large
-    activation is read and written a few times instead of allocated eight times (the sampler's
-    hot path: QVPO.md measures Mish as costly as the matmul that feeds it on this CPU).
-    """
-    n = torch.clamp(x, max=20.0).exp_()
-    d = n + 2.0
-    n.mul_(d)                       # n = e (e + 2)
-    torch.add(n, 2.0, out=d)        # d = n + 2
-    return x.mul_(n.div_(d))
-
-
 class Mish(nn.Module):
-    """Mish; in place when autograd is off (the input is always a fresh Linear output here)."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mish(x) if x.requires_grad else mish_(x)
+        return mish(x)
 
 
 ACTIVATIONS = {"mish": Mish, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}

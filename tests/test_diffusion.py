@@ -147,3 +147,13 @@ def test_seed_streams_give_each_seed_its_own_samples(tiny):
     a1 = alone.sample(states[1:], 4, SeedRNG([6], "cpu"))
     torch.testing.assert_close(a2[1:], a1, rtol=1e-5, atol=1e-6)
     assert (a2[0] - a2[1]).abs().max() > 1e-3
+
+
+def test_compiled_sampler_matches_eager(tiny):
+    """DiffusionPolicy.compile = True (torch.compile of the denoising step) keeps the maths."""
+    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(2))
+    states, noise = torch.randn(2, 3, 4), torch.randn(2, pol.T, 3 * 5, 2)
+    eager = pol.sample(states, 5, noise=noise)
+    pol.compile = True
+    compiled = pol.sample(states, 5, noise=noise)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

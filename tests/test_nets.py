@@ -3,19 +3,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qvpo.nets import Denoiser, SeedLinear, TwinQ, init_linear, mish, mish_, sinusoidal_embedding
+from qvpo.nets import Denoiser, SeedLinear, TwinQ, init_linear, mish, sinusoidal_embedding
 from qvpo.rng import init_generators
 
 
 def test_fast_mish_is_exact():
-    x = torch.linspace(-30, 30, 10001)
+    x = torch.linspace(-30, 30, 100001)  # above the small-tensor cut-over: the one-exp form
     torch.testing.assert_close(mish(x), F.mish(x), rtol=1e-5, atol=5e-6)
-    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(100000, dtype=torch.float64, requires_grad=True)
     (g_fast,) = torch.autograd.grad(mish(x).sum(), x)
     (g_ref,) = torch.autograd.grad(F.mish(x).sum(), x)
     torch.testing.assert_close(g_fast, g_ref)
-    y = torch.linspace(-30, 30, 10001)
-    torch.testing.assert_close(mish_(y.clone()), F.mish(y), rtol=1e-5, atol=5e-6)  # in-place form
 
 
 def test_reference_init_std():
