@@ -75,6 +75,7 @@ class NoiseSchedule(nn.Module):
         self.register_buffer("step_coefs", torch.stack([
             consts["sqrt_recip_alpha_bar"], consts["sqrt_recipm1_alpha_bar"], consts["posterior_c0"],
             consts["posterior_ct"], consts["posterior_std"]], dim=1).to(torch.float32), persistent=False)
+        self.step_coef_floats = self.step_coefs.tolist()  # host copy, made once: no device sync later
 
 
 def denoise_step(x, sp, step_bias, W_a, hidden, c, z, act, clip_x0: bool, dtype):
@@ -164,7 +165,7 @@ class DiffusionPolicy(nn.Module):
         hidden = [(lin.weight.to(dtype), lin.bias.to(dtype)) for lin in rest]
         # per-step constants: a tensor row for the compiled step (no recompile per value), Python
         # floats for the eager one (no indexing kernels on the hot path)
-        coefs = self.schedule.step_coefs if self.compile else self.schedule.step_coefs.tolist()
+        coefs = self.schedule.step_coefs if self.compile else self.schedule.step_coef_floats
         step = self._compiled_step() if self.compile else denoise_step
         act = mish if den.activation == "mish" else make_activation(den.activation)
         randn = rng.randn if rng is not None else (lambda *shape: torch.randn(N, *shape, device=states.device))
