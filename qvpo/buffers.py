@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from qvpo.errors import require_int
+from qvpo.rng import BUFFER_STREAM
 
 
 class Batch(NamedTuple):
@@ -292,7 +293,7 @@ class SeedBuffers:
     def __init__(self, buffers: list[ReplayBuffer], seeds: list[int]):
         self.buffers = list(buffers)
         for buf, seed in zip(self.buffers, seeds):
-            buf.seed(seed)
+            buf.seed(BUFFER_STREAM + seed)  # a stream of its own, apart from the init stream
 
     def __getitem__(self, k: int) -> ReplayBuffer:
         return self.buffers[k]

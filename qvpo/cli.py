@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -68,31 +69,42 @@ def train(args: argparse.Namespace) -> int:
     algo_name = type(trainer.agent).__name__
     params, config_str = flat_params(), gin.operative_config_str()
     N = len(trainer.seeds)
-    for tracker, seed in zip(trackers, trainer.seeds):
-        run_id = tracker.start(
-            run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
-            params={**params, "Trainer.seed": str(seed)}, config_str=config_str,
-            tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
-                  "seed": str(seed), "seeds_per_process": str(N)})
-        print(f"MLflow run {run_id} (seed {seed}) in experiment {tracker.experiment!r} at {tracker.uri}",
-              file=sys.stderr)
+    started: list[MlflowTracker] = []
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM ends runs as KILLED
     try:
         with tempfile.TemporaryDirectory(prefix="qvpo-run-") as out:
             out_dirs = [Path(out) / f"seed{seed}" for seed in trainer.seeds]
-            results = trainer.run([t.log for t in trackers], out_dirs)
-            for tracker, d in zip(trackers, out_dirs):
-                tracker.flush()
-                tracker.log_artifacts(d)
+            for tracker, seed in zip(trackers, trainer.seeds):
+                run_id = tracker.start(
+                    run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
+                    params={**params, "Trainer.seed": str(seed)}, config_str=config_str,
+                    tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
+                          "seed": str(seed), "seeds_per_process": str(N)})
+                started.append(tracker)
+                print(f"MLflow run {run_id} (seed {seed}) in experiment {tracker.experiment!r} at {tracker.uri}",
+                      file=sys.stderr)
+            try:
+                results = trainer.run([t.log for t in trackers], out_dirs)
+            finally:  # what exists (best checkpoint, eval.csv) is kept, also when the run fails
+                for tracker, d in zip(started, out_dirs):
+                    try:
+                        tracker.flush()
+                        if d.exists():
+                            tracker.log_artifacts(d)
+                    except Exception as e:  # noqa: BLE001 - report, and still end the runs
+                        print(f"qvpo: warning: could not upload artifacts of run {tracker.run_id}: {e}",
+                              file=sys.stderr)
     except KeyboardInterrupt:
-        for tracker in trackers:
-            tracker.end("KILLED", "interrupted by the user (SIGINT)")
+        for tracker in started:
+            tracker.end("KILLED", "interrupted (SIGINT or SIGTERM)")
             print(f"run_id: {tracker.run_id} (killed)")
         return 130
     except BaseException as e:
-        for tracker in trackers:
+        for tracker in started:
             tracker.end("FAILED", f"{type(e).__name__}: {e}")
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         trainer.close()
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for tracker, seed, result in zip(trackers, trainer.seeds, results):
@@ -104,6 +116,10 @@ def train(args: argparse.Namespace) -> int:
         print(f"final eval return: {fmt(result.final_eval)}")
         print(f"best eval return: {fmt(result.best_eval)}")
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def print_curve(result, max_rows: int = 20) -> None:

@@ -35,7 +35,10 @@ def make_env(env_id: str, seed: int, max_episode_steps: int | None = None) -> gy
     """
     check_env_id(env_id)
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    env = gym.make(env_id, **kwargs)
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.Error as e:  # e.g. DependencyNotInstalled
+        raise ConfigError(f"cannot make env {env_id!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if not isinstance(env.action_space, gym.spaces.Box):
         env.close()
         raise ConfigError(f"env {env_id!r} has a {type(env.action_space).__name__} action space; "

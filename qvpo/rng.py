@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-# offsets keep the streams of one seed apart (network init, noise on the device)
-INIT_STREAM, NOISE_STREAM = 0, 1_000_003
+# offsets keep the streams of one seed apart (network init, training noise, evaluation noise,
+# replay sampling)
+INIT_STREAM, NOISE_STREAM, EVAL_STREAM, BUFFER_STREAM = 0, 1_000_003, 2_000_029, 3_000_017
 
 
 def init_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -21,9 +22,9 @@ def init_generators(seeds: list[int]) -> list[torch.Generator]:
 class SeedRNG:
     """N generators on `device`; randn / rand / randint return (N, *shape)."""
 
-    def __init__(self, seeds: list[int], device: torch.device | str):
+    def __init__(self, seeds: list[int], device: torch.device | str, stream: int = NOISE_STREAM):
         self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(NOISE_STREAM + s) for s in seeds]
+        self.generators = [torch.Generator(device=self.device).manual_seed(stream + s) for s in seeds]
 
     def __len__(self) -> int:
         return len(self.generators)

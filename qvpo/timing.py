@@ -12,12 +12,14 @@ import torch
 class PhaseTimer:
     """Accumulates seconds per named phase until `pop()`.
 
-    On CUDA, kernels run asynchronously: a phase's time is only meaningful if the device is
-    synchronised at its edges, which costs a little. `sync_cuda=True` does that.
+    On CUDA, kernels run asynchronously: a phase's time is the device's time only if the device
+    is synchronised at its edges, which stalls the queue of a launch-bound sampler. So by default
+    nothing is synchronised (on CUDA the figures are then host-side time: where the host waited);
+    `sync=True` (gin: `Trainer.sync_timing`) measures device time per phase at that cost.
     """
 
-    def __init__(self, device: torch.device | None = None):
-        self.sync = device is not None and torch.device(device).type == "cuda"
+    def __init__(self, device: torch.device | None = None, sync: bool = False):
+        self.sync = sync and device is not None and torch.device(device).type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager

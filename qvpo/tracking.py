@@ -86,8 +86,12 @@ class MlflowTracker:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
         self.flush_every_s = flush_every_s
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+        except Exception as e:  # noqa: BLE001 - e.g. an unknown URI scheme
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot use MLflow tracking URI {self.uri!r}: {first}") from None
         self.run_id: str | None = None
         self._pending: list = []
         self._last_flush = time.monotonic()
@@ -132,14 +136,17 @@ class MlflowTracker:
         self.client.log_artifacts(self.run_id, str(local_dir))
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """Flush and mark the run; a failing store is reported, never raised (other runs end too)."""
         if self.run_id is None:
             return
         try:
             self.flush()
-        finally:
             if reason:
                 self.client.set_tag(self.run_id, "end_reason", reason[:5000])
             self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001
+            import sys
+            print(f"qvpo: warning: could not end MLflow run {self.run_id} as {status}: {e}", file=sys.stderr)
 
 
 def run_tags(device: str) -> dict[str, str]:

@@ -35,6 +35,11 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if device.startswith("cuda:"):
+        index = device.split(":", 1)[1]
+        require(index.isdigit() and int(index) < torch.cuda.device_count(),
+                f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 
@@ -127,6 +132,8 @@ class Trainer:
       log_every: env steps between metric flushes (averages of the updates in between).
       progress: show a progress bar.
       num_threads: torch intra-op threads (0 = torch's default, one per core).
+      sync_timing: on CUDA, synchronise at the edges of each timed phase so `time/*` metrics are
+        device time (slower); off: host-side time.
     """
 
     def __init__(self, env_id: str = "Hopper-v5",
@@ -142,7 +149,8 @@ class Trainer:
                  truncation_is_terminal: bool = False,
                  log_every: int = 1_000,
                  progress: bool = True,
-                 num_threads: int = 0):
+                 num_threads: int = 0,
+                 sync_timing: bool = False):
         require_int(total_steps, "Trainer.total_steps (--steps)", 0)
         require_int(warmup_steps, "Trainer.warmup_steps", 0)
         require_int(updates_per_step, "Trainer.updates_per_step", 0)
@@ -169,7 +177,7 @@ class Trainer:
         self.eval_envs = [[make_env(env_id, seed=s + 10_000 + i) for i in range(eval_episodes)]
                           for s in self.seeds]
         obs_dim, action_dim = env_dims(self.envs[0])
-        self.timer = PhaseTimer(self.device)
+        self.timer = PhaseTimer(self.device, sync=sync_timing)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
                            total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
         self.buffers = SeedBuffers([ReplayBuffer(obs_dim, action_dim, device=self.device)
@@ -244,6 +252,7 @@ class Trainer:
 
             if step % self.eval_every == 0 or step == self.total_steps:
                 with timer.phase("eval"):
+                    agent.begin_evaluation(step)
                     returns = self.evaluate()
                 for k in range(N):
                     rec = EvalRecord(step, returns[k])

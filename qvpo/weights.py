@@ -64,10 +64,12 @@ class QExp(QWeight):
     """qexp (code name qexpn): w = exp(beta * clip((Q(s, a*) - mu) / sigma, -8, 8)).
 
     mu, sigma are running mean / std of the candidates' Q values (exponential moving averages
-    with rate `momentum`), so the weight is scale-free.
+    with rate `momentum`, per seed), so the weight is scale-free. Differences from the reference
+    qexpn: we average the variance (not the std), start from the first batch's statistics (not
+    0 and 1) and use the biased variance. beta = 1.0 is ours (QVPO.md gives no value).
     """
 
-    def __init__(self, beta: float = 1.0, momentum: float = 0.005, clip: float = 8.0):
+    def __init__(self, beta: float = 1.0, momentum: float = 0.001, clip: float = 8.0):  # 0.001: reference alpha_mean/alpha_std
         super().__init__()
         require(beta > 0, f"QExp.beta must be > 0, got {beta}")
         require(0 < momentum <= 1, f"QExp.momentum must be in (0, 1], got {momentum}")
@@ -85,8 +87,7 @@ class QExp(QWeight):
             flat = q.reshape(q.shape[0], -1)
             m, v = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
             # first call: take the batch statistics as they are (no host sync: torch.where)
-            k = torch.where(self.initialised, torch.tensor(self.momentum, device=q.device),
-                            torch.tensor(1.0, device=q.device))
+            k = torch.where(self.initialised, self.momentum, 1.0)
             self.mean.lerp_(m, k)
             self.var.lerp_(v, k)
             self.initialised.fill_(True)

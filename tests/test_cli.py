@@ -93,6 +93,7 @@ BAD_INPUT = [
     (["--steps", "-5"], "total_steps (--steps) must be an integer >= 0"),
     (["--device", "tpu"], "device must be"),
     (["--bind", "QVPO.gamma = 1.5"], "gamma must be in [0, 1]"),
+    (["--tracking-uri", "foo://bar"], "cannot use MLflow tracking URI 'foo://bar'"),
 ]
 
 

@@ -108,7 +108,10 @@ def test_state_dict_round_trip(tiny):
     b = QVPO(3, 2, batch_size=8, train_candidates=4, seeds=(7,))
     b.load_state_dict(a.state_dict())
     s = torch.randn(1, 4, 3)
+    a.begin_evaluation(100)
+    b.begin_evaluation(100)
     torch.testing.assert_close(b.act(s, explore=False), a.act(s, explore=False))
+    torch.testing.assert_close(b.act(s, explore=True), a.act(s, explore=True))  # training stream too
 
 
 def test_batched_seeds_match_separate_runs(tiny):

@@ -29,6 +29,11 @@ class Agent(abc.ABC):
         explore=True is the behaviour policy (data collection), False the evaluation policy.
         """
 
+    def begin_evaluation(self, tag: int) -> None:
+        """Called before each evaluation (tag = env step): agents re-seed their evaluation noise
+        here, so evaluation never consumes training randomness and each seed's evaluation is
+        the same whether it trains alone or with other seeds."""
+
     @abc.abstractmethod
     def update(self, buffer: ReplayBuffer, step: int) -> dict[str, torch.Tensor | float]:
         """One gradient update at env step `step`; returns metrics named `group/name`."""

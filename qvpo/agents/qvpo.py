@@ -26,7 +26,7 @@ from qvpo.diffusion import DiffusionPolicy
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ
 from qvpo.optim import adam, clip_and_step, soft_update
-from qvpo.rng import SeedRNG, init_generators
+from qvpo.rng import EVAL_STREAM, SeedRNG, init_generators
 from qvpo.schedules import LinearDecay
 from qvpo.timing import PhaseTimer
 from qvpo.weights import QAdv, QWeight
@@ -100,6 +100,7 @@ class QVPO(Agent):
                             ("eval_candidates", eval_candidates)]:
             require_int(value, f"QVPO.{name}", 1)
         require_int(uniform_samples, "QVPO.uniform_samples (Ne)", 0)
+        require_int(train_candidates, "QVPO.train_candidates (Nd: the Q-weight compares candidates)", 2)
         require(0 <= gamma <= 1, f"QVPO.gamma must be in [0, 1], got {gamma}")
         require(0 < tau <= 1, f"QVPO.tau must be in (0, 1], got {tau}")
         require(policy_lr > 0 and critic_lr > 0,
@@ -127,12 +128,16 @@ class QVPO(Agent):
         self.policy_opt = optimizer(self.policy.parameters(), lr=policy_lr)
         self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
         self.rng = SeedRNG(self.seeds, self.device)
+        self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
 
     # ---------------------------------------------------------------- acting
     def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
         k = self.Kb if explore else self.K_eval
-        action, _ = best_of_candidates(self.policy, self.critic, obs, k, self.rng)
+        action, _ = best_of_candidates(self.policy, self.critic, obs, k, self.rng if explore else self.eval_rng)
         return action
+
+    def begin_evaluation(self, tag: int) -> None:
+        self.eval_rng = SeedRNG([s + 7919 * tag for s in self.seeds], self.device, EVAL_STREAM)
 
     # ---------------------------------------------------------------- learning
     @torch.no_grad()
@@ -211,6 +216,8 @@ class QVPO(Agent):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.seeds = list(state["seeds"])
+        self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
         for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
                      "policy_opt", "critic_opt", "rng"):
             getattr(self, name).load_state_dict(state[name])
