@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qvpo.agents.qvpo import QVPO
+from qvpo.agents.sac import SAC
 from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.envs import make_env
 
@@ -57,6 +58,13 @@ def test_qvpo_eval_action_k32(benchmark, agent_and_buffer):
     obs = torch.randn(1, 1, OBS)
     benchmark.extra_info["what"] = "one evaluation action: best of 32 candidates, T 20"
     benchmark.pedantic(agent.act, args=(obs, False), rounds=100, warmup_rounds=5)
+
+
+def test_sac_update(benchmark):
+    agent = SAC(OBS, ACT, device="cpu")  # the paper's settings: batch 256, 2 x 256 ReLU
+    buf = _buffers()
+    benchmark.extra_info["what"] = "one SAC update: batch 256, 2x256 ReLU, fp32"
+    benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=50, warmup_rounds=3)
 
 
 def test_env_step_hopper(benchmark):

@@ -160,14 +160,15 @@ class TwinQ(nn.Module):
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256 Mish
-                 activation: str = "mish"):
+                 activation: str = "mish", init: str | None = None):
+        """init: an init_linear scheme for these networks (None = init_linear's gin default)."""
         super().__init__()
         require(len(hidden) >= 1 and all(h >= 1 for h in hidden),
                 f"TwinQ.hidden must be a non-empty tuple of positive widths, got {hidden}")
         N = len(generators)
         self.q1 = mlp(N, state_dim + action_dim, tuple(hidden), 1, activation)
         self.q2 = mlp(N, state_dim + action_dim, tuple(hidden), 1, activation)
-        init_linear(self, generators)
+        init_linear(self, generators, **({} if init is None else {"scheme": init}))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s (N, R, S), a (N, R, A) -> Q1, Q2 each (N, R)."""

@@ -47,7 +47,7 @@ def _defaults(selector):
     return {k: p.default for k, p in inspect.signature(target).parameters.items()}
 
 
-@pytest.mark.parametrize("gin_file", ["algos/qvpo.gin"])
+@pytest.mark.parametrize("gin_file", ["algos/qvpo.gin", "algos/sac.gin"])
 def test_gin_file_restates_the_constructor_defaults(gin_file):
     """Running without the gin file must run the paper's settings too: file == code defaults."""
     config.parse([gin_file], [])
@@ -59,4 +59,4 @@ def test_gin_file_restates_the_constructor_defaults(gin_file):
                 continue
             assert defaults[name] == value, f"{selector}.{name}: gin file {value!r} != code default {defaults[name]!r}"
             checked += 1
-    assert checked > 30
+    assert checked > 15
