@@ -50,6 +50,22 @@ def random_policy_return(episodes=10, seed=123) -> float:
     return float(np.mean(returns))
 
 
+PENDULUM = [  # the shared part of the learning tests' settings
+    "Trainer.env_id = 'Pendulum-v1'", "Trainer.warmup_steps = 500",  # env steps
+    "Trainer.eval_every = 1000", "Trainer.eval_episodes = 10", "Trainer.progress = False",
+    "Trainer.seed = 0", "ReplayBuffer.capacity = 10000",
+]
+
+
+def train_on_pendulum(bindings: list[str]):
+    """Train one seed with PENDULUM + bindings; returns its TrainResult."""
+    gin.parse_config(PENDULUM + bindings)
+    trainer = Trainer()
+    [result] = trainer.run()
+    trainer.close()
+    return result
+
+
 def test_qvpo_learns_pendulum():
     random_return = random_policy_return()
     assert random_return < BEST_THRESHOLD - 400 and random_return < LATE_THRESHOLD - 200  # well above chance

@@ -1,13 +1,11 @@
 import math
 
-import gin
 import torch
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
 from qvpo.agents.sac import SAC, tanh_gaussian_log_prob
-from qvpo.train import Trainer
-from test_learning import random_policy_return
+from test_learning import random_policy_return, train_on_pendulum
 from test_qvpo_agent import filled_buffers
 
 
@@ -65,16 +63,11 @@ def test_sac_learns_pendulum():
     a random policy scores about -1270, a good one about -150.
     """
     random_return = random_policy_return()
-    gin.parse_config([
-        "Trainer.agent = @SAC", "Trainer.env_id = 'Pendulum-v1'",
-        "Trainer.total_steps = 6000", "Trainer.warmup_steps = 500",  # env steps
-        "Trainer.eval_every = 1000", "Trainer.eval_episodes = 10", "Trainer.progress = False",
-        "Trainer.seed = 0", "ReplayBuffer.capacity = 10000",
+    result = train_on_pendulum([
+        "Trainer.agent = @SAC",
+        "Trainer.total_steps = 6000",  # env steps
         "SAC.batch_size = 128", "SAC.hidden = (128, 128)",  # smaller than the paper's 256 / (256, 256)
     ])
-    trainer = Trainer()
-    [result] = trainer.run()
-    trainer.close()
     print(f"random {random_return:.0f}; SAC evaluations {[round(e.mean) for e in result.evaluations]}")
     assert random_return < -1100
     assert result.final_eval > -500

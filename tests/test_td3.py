@@ -1,9 +1,7 @@
-import gin
 import torch
 
 from qvpo.agents.td3 import TD3
-from qvpo.train import Trainer
-from test_learning import random_policy_return
+from test_learning import random_policy_return, train_on_pendulum
 from test_qvpo_agent import filled_buffers
 
 
@@ -53,17 +51,12 @@ def test_td3_learns_pendulum():
     a random policy scores about -1270, a good one about -150.
     """
     random_return = random_policy_return()
-    gin.parse_config([
-        "Trainer.agent = @TD3", "Trainer.env_id = 'Pendulum-v1'",
-        "Trainer.total_steps = 6000", "Trainer.warmup_steps = 500",  # env steps
-        "Trainer.eval_every = 1000", "Trainer.eval_episodes = 10", "Trainer.progress = False",
-        "Trainer.seed = 0", "ReplayBuffer.capacity = 10000",
+    result = train_on_pendulum([
+        "Trainer.agent = @TD3",
+        "Trainer.total_steps = 6000",  # env steps
         "TD3.batch_size = 128", "TD3.hidden = (128, 128)",  # smaller than the reference's 256 / (256, 256)
         "TD3.actor_lr = 1e-3", "TD3.critic_lr = 1e-3",      # the TD3 paper's Table 3 (reference: 3e-4)
     ])
-    trainer = Trainer()
-    [result] = trainer.run()
-    trainer.close()
     print(f"random {random_return:.0f}; TD3 evaluations {[round(e.mean) for e in result.evaluations]}")
     assert random_return < -1100
     assert result.final_eval > -500
