@@ -141,7 +141,9 @@ class SAC(Agent):
 
         with timer.phase("actor"):  # 2. policy, 3. temperature
             a, logp = self.actor.sample(b.obs, self.rng)
+            self.critic.requires_grad_(False)  # the actor's gradient flows through Q, not into it
             actor_loss = (alpha * logp - self.critic.q_min(b.obs, a)).mean(-1)
+            self.critic.requires_grad_(True)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.sum().backward()
             clip_and_step(self.actor_opt, self.actor.parameters(), self.grad_clip)

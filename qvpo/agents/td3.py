@@ -128,7 +128,9 @@ class TD3(Agent):
                    "q/target_mean": y.mean(-1)}
         if self.updates % self.policy_delay == 0:  # delayed actor and target updates
             with timer.phase("actor"):
-                q1_pi, _ = self.critic(b.obs, self.actor(b.obs))
+                self.critic.requires_grad_(False)  # gradient through Q1 into the actor only
+                q1_pi = self.critic.q1(torch.cat([b.obs, self.actor(b.obs)], dim=-1)).squeeze(-1)
+                self.critic.requires_grad_(True)
                 actor_loss = -q1_pi.mean(-1)
                 self.actor_opt.zero_grad(set_to_none=True)
                 actor_loss.sum().backward()
