@@ -8,6 +8,8 @@ because `gin.torch` imports distutils, which Python 3.12 no longer has.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import gin
 import torch
 
@@ -22,6 +24,16 @@ def adam(params, lr: float, eps: float = 1e-5, betas: tuple[float, float] = (0.9
     # foreach: one multi-tensor kernel per step instead of one per parameter (same maths)
     return torch.optim.Adam(params, lr=lr, eps=eps, betas=tuple(betas), weight_decay=weight_decay,
                             foreach=True)
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """No parameter gradients for `module` inside the block; gradients still flow through it."""
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
 
 
 def soft_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:

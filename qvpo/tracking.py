@@ -11,6 +11,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -145,7 +146,6 @@ class MlflowTracker:
                 self.client.set_tag(self.run_id, "end_reason", reason[:5000])
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:  # noqa: BLE001
-            import sys
             print(f"qvpo: warning: could not end MLflow run {self.run_id} as {status}: {e}", file=sys.stderr)
 
 

@@ -12,6 +12,7 @@ import abc
 import torch
 
 from qvpo.buffers import ReplayBuffer
+from qvpo.errors import require, require_int
 from qvpo.timing import PhaseTimer
 
 
@@ -21,6 +22,21 @@ class Agent(abc.ABC):
     batch_size: int
     device: torch.device
     timer: PhaseTimer
+    seeds: list[int]
+
+    def _setup(self, name: str, device, timer: PhaseTimer | None, seeds, batch_size: int,
+               gamma: float, tau: float, **learning_rates: float) -> None:
+        """What every agent checks and keeps: device, timer, seeds, and the TD settings."""
+        require(len(seeds) >= 1, f"{name} needs at least one seed")
+        require_int(batch_size, f"{name}.batch_size", 1)
+        require(0 <= gamma <= 1, f"{name}.gamma must be in [0, 1], got {gamma}")
+        require(0 < tau <= 1, f"{name}.tau must be in (0, 1], got {tau}")
+        for lr_name, lr in learning_rates.items():
+            require(lr > 0, f"{name}.{lr_name} must be > 0, got {lr}")
+        self.device = torch.device(device)
+        self.timer = timer or PhaseTimer(self.device)
+        self.seeds = list(seeds)
+        self.batch_size, self.gamma, self.tau = batch_size, gamma, tau
 
     @abc.abstractmethod
     def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from qvpo.agents.base import Agent
 from qvpo.buffers import Batch, SeedBuffers
 from qvpo.diffusion import DiffusionPolicy
-from qvpo.errors import require, require_int
+from qvpo.errors import require_int
 from qvpo.nets import TwinQ
 from qvpo.optim import adam, clip_and_step, soft_update
 from qvpo.rng import EVAL_STREAM, SeedRNG, init_generators
@@ -94,23 +94,16 @@ class QVPO(Agent):
                  entropy_weight: Callable[[int, int], float] | None = None,
                  shared_batch: bool = False,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        for name, value in [("batch_size", batch_size), ("train_candidates (Nd)", train_candidates),
-                            ("behavior_candidates (Kb)", behavior_candidates),
+        self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau,
+                    policy_lr=policy_lr, critic_lr=critic_lr)
+        for name, value in [("behavior_candidates (Kb)", behavior_candidates),
                             ("target_candidates (Kt)", target_candidates),
                             ("eval_candidates", eval_candidates)]:
             require_int(value, f"QVPO.{name}", 1)
-        require_int(uniform_samples, "QVPO.uniform_samples (Ne)", 0)
         require_int(train_candidates, "QVPO.train_candidates (Nd: the Q-weight compares candidates)", 2)
-        require(0 <= gamma <= 1, f"QVPO.gamma must be in [0, 1], got {gamma}")
-        require(0 < tau <= 1, f"QVPO.tau must be in (0, 1], got {tau}")
-        require(policy_lr > 0 and critic_lr > 0,
-                f"QVPO learning rates must be > 0, got policy_lr={policy_lr}, critic_lr={critic_lr}")
-        require(len(seeds) >= 1, "QVPO needs at least one seed")
-        self.device = torch.device(device)
+        require_int(uniform_samples, "QVPO.uniform_samples (Ne)", 0)
         self.total_steps = total_steps
-        self.timer = timer or PhaseTimer(self.device)
-        self.seeds = list(seeds)
-        self.batch_size, self.gamma, self.tau, self.grad_clip = batch_size, gamma, tau, grad_clip
+        self.grad_clip = grad_clip
         self.Nd, self.Ne = train_candidates, uniform_samples
         self.Kb, self.Kt, self.K_eval = behavior_candidates, target_candidates, eval_candidates
         self.shared_batch = shared_batch
@@ -167,7 +160,7 @@ class QVPO(Agent):
 
         # 2. Nd candidates per state of a fresh minibatch, scored by the updated critic
         states = batch.obs if self.shared_batch else buffers.sample(self.batch_size).obs
-        N, B, A = states.shape[0], states.shape[1], self.action_dim
+        B, A = states.shape[1], self.action_dim
         with timer.phase("sampling"):
             best_action, q = best_of_candidates(self.policy, self.critic, states, self.Nd, self.rng)
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from qvpo.agents.base import Agent
 from qvpo.buffers import SeedBuffers
-from qvpo.errors import require, require_int
+from qvpo.errors import require
 from qvpo.nets import TwinQ, init_linear, mlp
-from qvpo.optim import adam, clip_and_step, soft_update
+from qvpo.optim import adam, clip_and_step, frozen, soft_update
 from qvpo.rng import SeedRNG, init_generators
 from qvpo.timing import PhaseTimer
 
@@ -94,15 +94,10 @@ class SAC(Agent):
                  init: str = "torch",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        require_int(batch_size, "SAC.batch_size", 1)
-        require(0 <= gamma <= 1, f"SAC.gamma must be in [0, 1], got {gamma}")
-        require(0 < tau <= 1, f"SAC.tau must be in (0, 1], got {tau}")
-        require(min(actor_lr, critic_lr, alpha_lr) > 0, "SAC learning rates must be > 0")
+        self._setup("SAC", device, timer, seeds, batch_size, gamma, tau,
+                    actor_lr=actor_lr, critic_lr=critic_lr, alpha_lr=alpha_lr)
         require(init_alpha > 0, f"SAC.init_alpha must be > 0, got {init_alpha}")
-        self.device = torch.device(device)
-        self.timer = timer or PhaseTimer(self.device)
-        self.seeds = list(seeds)
-        self.batch_size, self.gamma, self.tau, self.grad_clip = batch_size, gamma, tau, grad_clip
+        self.grad_clip = grad_clip
         self.target_entropy = -float(action_dim) if target_entropy is None else float(target_entropy)
 
         gens = init_generators(self.seeds)  # actor first, then critics
@@ -141,9 +136,8 @@ class SAC(Agent):
 
         with timer.phase("actor"):  # 2. policy, 3. temperature
             a, logp = self.actor.sample(b.obs, self.rng)
-            self.critic.requires_grad_(False)  # the actor's gradient flows through Q, not into it
-            actor_loss = (alpha * logp - self.critic.q_min(b.obs, a)).mean(-1)
-            self.critic.requires_grad_(True)
+            with frozen(self.critic):  # the actor's gradient flows through Q, not into it
+                actor_loss = (alpha * logp - self.critic.q_min(b.obs, a)).mean(-1)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.sum().backward()
             clip_and_step(self.actor_opt, self.actor.parameters(), self.grad_clip)

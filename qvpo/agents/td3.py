@@ -22,7 +22,7 @@ from qvpo.agents.base import Agent
 from qvpo.buffers import Batch, SeedBuffers
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ, init_linear, mlp
-from qvpo.optim import adam, clip_and_step, soft_update
+from qvpo.optim import adam, clip_and_step, frozen, soft_update
 from qvpo.rng import SeedRNG, init_generators
 from qvpo.timing import PhaseTimer
 
@@ -72,15 +72,11 @@ class TD3(Agent):
                  init: str = "torch",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        require_int(batch_size, "TD3.batch_size", 1)
+        self._setup("TD3", device, timer, seeds, batch_size, gamma, tau,
+                    actor_lr=actor_lr, critic_lr=critic_lr)
         require_int(policy_delay, "TD3.policy_delay", 1)
-        require(0 <= gamma <= 1, f"TD3.gamma must be in [0, 1], got {gamma}")
-        require(0 < tau <= 1, f"TD3.tau must be in (0, 1], got {tau}")
         require(min(exploration_noise, policy_noise, noise_clip) >= 0, "TD3 noise scales must be >= 0")
-        self.device = torch.device(device)
-        self.timer = timer or PhaseTimer(self.device)
-        self.seeds = list(seeds)
-        self.batch_size, self.gamma, self.tau, self.grad_clip = batch_size, gamma, tau, grad_clip
+        self.grad_clip = grad_clip
         self.exploration_noise, self.policy_noise, self.noise_clip = exploration_noise, policy_noise, noise_clip
         self.policy_delay = policy_delay
         self.updates = 0
@@ -128,9 +124,8 @@ class TD3(Agent):
                    "q/target_mean": y.mean(-1)}
         if self.updates % self.policy_delay == 0:  # delayed actor and target updates
             with timer.phase("actor"):
-                self.critic.requires_grad_(False)  # gradient through Q1 into the actor only
-                q1_pi = self.critic.q1(torch.cat([b.obs, self.actor(b.obs)], dim=-1)).squeeze(-1)
-                self.critic.requires_grad_(True)
+                with frozen(self.critic):  # gradient through Q1 into the actor only
+                    q1_pi = self.critic.q1(torch.cat([b.obs, self.actor(b.obs)], dim=-1)).squeeze(-1)
                 actor_loss = -q1_pi.mean(-1)
                 self.actor_opt.zero_grad(set_to_none=True)
                 actor_loss.sum().backward()
