@@ -178,3 +178,18 @@ class TwinQ(nn.Module):
     def q_min(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         q1, q2 = self(s, a)
         return torch.minimum(q1, q2)
+
+
+def orthogonal_init(net: nn.Sequential, generators: list[torch.Generator], hidden_gain: float,
+                    out_gain: float) -> None:
+    """Orthogonal weights and zero biases for an `mlp`, seed k from generators[k]: gain
+    `hidden_gain` for the hidden layers and `out_gain` for the last (the PPO implementations'
+    init, e.g. sqrt(2) / 0.01 for the policy mean and sqrt(2) / 1 for the value network)."""
+    layers = [m for m in net.modules() if isinstance(m, SeedLinear)]
+    with torch.no_grad():
+        for k, g in enumerate(generators):
+            for i, m in enumerate(layers):
+                w = torch.empty(m.out_features, m.in_features)  # nn.Linear's (out, in) layout
+                nn.init.orthogonal_(w, gain=out_gain if i == len(layers) - 1 else hidden_gain, generator=g)
+                m.weight[k].copy_(w.T)
+                m.bias[k].zero_()

@@ -1,4 +1,8 @@
-"""The off-policy training loop: warm-up, interaction, updates, evaluation, metrics, artifacts.
+"""The training loop: interaction, updates, evaluation, metrics, artifacts.
+
+Off-policy agents get a random warm-up, a replay buffer per seed and `updates_per_step` updates
+per env step; on-policy agents (PPO, SPO) fill a rollout buffer and update when it is full. The
+rest (env stepping, episode bookkeeping, evaluation, logging, checkpoints) is shared.
 
 No algorithm maths here: the loop asks the agent for actions and updates and hands metrics to a
 `log(metrics, step)` callable (tracking.py sends them to MLflow). Steps are env steps throughout.
@@ -23,6 +27,7 @@ from qvpo.agents.qvpo import QVPO
 from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.envs import check_env_id, env_dims, make_env
 from qvpo.errors import ConfigError, require, require_int
+from qvpo.rollout import RolloutBuffer
 from qvpo.timing import PhaseTimer
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -112,7 +117,7 @@ class TrainResult:
 
 @gin.configurable
 class Trainer:
-    """Builds envs, replay buffers and the agent, then runs the off-policy loop.
+    """Builds envs, buffers and the agent, then runs the loop (off- or on-policy, by the agent).
 
     Args:
       env_id: Gymnasium task id.
@@ -180,6 +185,12 @@ class Trainer:
         self.timer = PhaseTimer(self.device, sync=sync_timing)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
                            total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
+        if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
+            require(warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
+                    f"rollouts, so Trainer.warmup_steps must be 0 (got {warmup_steps})")
+            self.rollout = RolloutBuffer(len(self.seeds), self.agent.rollout_steps, obs_dim, action_dim,
+                                         self.device)
+            return
         self.buffers = SeedBuffers([ReplayBuffer(obs_dim, action_dim, device=self.device)
                                     for _ in self.seeds], self.seeds)
         capacity = self.buffers[0].capacity
@@ -219,34 +230,54 @@ class Trainer:
         acc = MetricAccumulator()
         timer, agent, envs = self.timer, self.agent, self.envs
         obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, self.seeds)])
+        next_obs = np.empty_like(obs)
+        rewards = np.zeros(N)
+        terminated, truncated = np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
         ep_return, ep_len = [0.0] * N, [0] * N
         t_log, steps_at_log = time.perf_counter(), 0
         name = type(agent).__name__
         bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True, disable=not self.progress,
                    desc=f"{name} {self.env_id}" + (f" x{N} seeds" if N > 1 else ""))
         for step in range(1, self.total_steps + 1):  # `step` = env steps taken so far, after this one
-            if step <= self.warmup_steps:
+            policy_out = None
+            if agent.on_policy:
+                with timer.phase("sampling"):
+                    policy_out = agent.explore(torch.as_tensor(obs, dtype=torch.float32, device=self.device))
+                    actions = policy_out["env_action"].cpu().numpy()
+            elif step <= self.warmup_steps:
                 actions = [env.action_space.sample() for env in envs]
             else:
                 with timer.phase("sampling"):
                     obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[:, None]
                     actions = agent.act(obs_t, explore=True)[:, 0].cpu().numpy()
+            with timer.phase("env"):
+                for k, env in enumerate(envs):
+                    next_obs[k], rewards[k], terminated[k], truncated[k], _ = env.step(actions[k])
+            # `terminal` stops bootstrapping; a time-limit truncation bootstraps unless the
+            # reference code's behaviour is asked for
+            terminal = terminated | (truncated & self.truncation_is_terminal)
+            if agent.on_policy:
+                self._store_rollout_step(policy_out, rewards, next_obs, terminal, terminated | truncated)
+            else:
+                for k in range(N):
+                    self.buffers[k].add(obs[k], actions[k], rewards[k], next_obs[k], bool(terminal[k]))
             for k, env in enumerate(envs):
-                with timer.phase("env"):
-                    next_obs, reward, terminated, truncated, _ = env.step(actions[k])
-                terminal = terminated or (truncated and self.truncation_is_terminal)
-                self.buffers[k].add(obs[k], actions[k], reward, next_obs, terminal)
-                ep_return[k] += float(reward)
+                ep_return[k] += float(rewards[k])
                 ep_len[k] += 1
-                if terminated or truncated:
+                if terminated[k] or truncated[k]:
                     results[k].episodes.append((step, ep_return[k]))
                     logs[k]({"train/episode_return": ep_return[k], "train/episode_length": ep_len[k]}, step)
                     with timer.phase("env"):
-                        next_obs, _ = env.reset()
+                        next_obs[k], _ = env.reset()
                     ep_return[k], ep_len[k] = 0.0, 0
-                obs[k] = next_obs
+            obs, next_obs = next_obs, obs
 
-            if step > self.warmup_steps and len(self.buffers) >= agent.batch_size:
+            if agent.on_policy:
+                if self.rollout.full:
+                    with timer.phase("sampling"):
+                        last_value = agent.value(torch.as_tensor(obs, dtype=torch.float32, device=self.device))
+                    acc.add(agent.update(self.rollout.finish(last_value), step))
+            elif step > self.warmup_steps and len(self.buffers) >= agent.batch_size:
                 for _ in range(self.updates_per_step):
                     acc.add(agent.update(self.buffers, step))
 
@@ -287,6 +318,17 @@ class Trainer:
                 plot_learning_curve(results[k], out_dirs[k] / "learning_curve.png",
                                     title=f"{name} on {self.env_id} (seed {self.seeds[k]})")
         return results
+
+    def _store_rollout_step(self, policy_out: dict, rewards: np.ndarray, next_obs: np.ndarray,
+                            terminal: np.ndarray, done: np.ndarray) -> None:
+        """One step of every seed into the rollout; a truncated episode bootstraps from the value
+        of its real final observation (computed here, before the env is reset)."""
+        bootstrap = None
+        if (done & ~terminal).any():
+            v = self.agent.value(torch.as_tensor(next_obs, dtype=torch.float32, device=self.device))
+            bootstrap = v * torch.as_tensor(done & ~terminal, device=self.device)
+        self.rollout.add(policy_out["obs"], policy_out["action"], policy_out["log_prob"], policy_out["value"],
+                         rewards, terminal, done, bootstrap)
 
     def close(self) -> None:
         for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:

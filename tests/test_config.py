@@ -47,7 +47,8 @@ def _defaults(selector):
     return {k: p.default for k, p in inspect.signature(target).parameters.items()}
 
 
-@pytest.mark.parametrize("gin_file", ["algos/qvpo.gin", "algos/sac.gin", "algos/td3.gin"])
+@pytest.mark.parametrize("gin_file", ["algos/qvpo.gin", "algos/sac.gin", "algos/td3.gin", "algos/ppo.gin",
+                                      "algos/spo.gin"])
 def test_gin_file_restates_the_constructor_defaults(gin_file):
     """Running without the gin file must run the paper's settings too: file == code defaults."""
     config.parse([gin_file], [])

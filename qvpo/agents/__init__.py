@@ -1,14 +1,18 @@
 """One file per algorithm. `ALGORITHMS` maps the CLI's --algo names to gin configurable names."""
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, OnPolicyAgent
+from qvpo.agents.ppo import PPO
 from qvpo.agents.qvpo import QVPO
 from qvpo.agents.sac import SAC
+from qvpo.agents.spo import SPO
 from qvpo.agents.td3 import TD3
 
 ALGORITHMS: dict[str, str] = {
     "qvpo": "QVPO",
     "sac": "SAC",
     "td3": "TD3",
+    "ppo": "PPO",
+    "spo": "SPO",
 }
 
-__all__ = ["Agent", "QVPO", "SAC", "TD3", "ALGORITHMS"]
+__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "ALGORITHMS"]

@@ -17,7 +17,13 @@ from qvpo.timing import PhaseTimer
 
 
 class Agent(abc.ABC):
-    """Built by the trainer as AgentClass(obs_dim=, action_dim=, device=, total_steps=, timer=)."""
+    """Built by the trainer as AgentClass(obs_dim=, action_dim=, device=, total_steps=, timer=, seeds=).
+
+    Off-policy agents learn from the trainer's replay buffers, one `update` per env step;
+    on-policy agents (`OnPolicyAgent`) from rollouts they collect themselves.
+    """
+
+    on_policy = False
 
     batch_size: int
     device: torch.device
@@ -25,7 +31,7 @@ class Agent(abc.ABC):
     seeds: list[int]
 
     def _setup(self, name: str, device, timer: PhaseTimer | None, seeds, batch_size: int,
-               gamma: float, tau: float, **learning_rates: float) -> None:
+               gamma: float, tau: float = 1.0, **learning_rates: float) -> None:
         """What every agent checks and keeps: device, timer, seeds, and the TD settings."""
         require(len(seeds) >= 1, f"{name} needs at least one seed")
         require_int(batch_size, f"{name}.batch_size", 1)
@@ -40,7 +46,7 @@ class Agent(abc.ABC):
 
     @abc.abstractmethod
     def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
-        """obs (N, S) on self.device -> actions (N, A) in [-1, 1].
+        """obs (N, M, S) on self.device -> actions (N, M, A) in [-1, 1] (N seeds, M states each).
 
         explore=True is the behaviour policy (data collection), False the evaluation policy.
         """
@@ -60,3 +66,29 @@ class Agent(abc.ABC):
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class OnPolicyAgent(Agent):
+    """An agent that learns from its own rollouts (PPO, SPO).
+
+    The trainer's on-policy loop calls `explore` every env step, stores its outputs with the
+    rewards in a `RolloutBuffer` of `rollout_steps` steps, and hands the finished rollout to
+    `update` (no warm-up, no replay buffer).
+    """
+
+    on_policy = True
+    rollout_steps: int
+
+    @abc.abstractmethod
+    def explore(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw observations (N, S) -> {'env_action': (N, A) in [-1, 1] for the env, and what the
+        rollout stores: 'obs' (N, S) as the policy saw it, 'action' (N, A), 'log_prob' (N,),
+        'value' (N,)}. May update observation statistics."""
+
+    @abc.abstractmethod
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        """V(s) of raw observations (N, S) -> (N,), without updating any statistics."""
+
+    @abc.abstractmethod
+    def update(self, rollout, step: int) -> dict[str, torch.Tensor | float]:  # type: ignore[override]
+        """Learn from one finished `qvpo.rollout.Rollout`; returns metrics named `group/name`."""
