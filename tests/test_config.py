@@ -48,7 +48,7 @@ def _defaults(selector):
 
 
 @pytest.mark.parametrize("gin_file", ["algos/qvpo.gin", "algos/sac.gin", "algos/td3.gin", "algos/ppo.gin",
-                                      "algos/spo.gin"])
+                                      "algos/spo.gin", "algos/qsm.gin"])
 def test_gin_file_restates_the_constructor_defaults(gin_file):
     """Running without the gin file must run the paper's settings too: file == code defaults."""
     config.parse([gin_file], [])

@@ -2,6 +2,7 @@
 
 from qvpo.agents.base import Agent, OnPolicyAgent
 from qvpo.agents.ppo import PPO
+from qvpo.agents.qsm import QSM
 from qvpo.agents.qvpo import QVPO
 from qvpo.agents.sac import SAC
 from qvpo.agents.spo import SPO
@@ -11,8 +12,9 @@ ALGORITHMS: dict[str, str] = {
     "qvpo": "QVPO",
     "sac": "SAC",
     "td3": "TD3",
+    "qsm": "QSM",
     "ppo": "PPO",
     "spo": "SPO",
 }
 
-__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "ALGORITHMS"]
+__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "QSM", "ALGORITHMS"]
