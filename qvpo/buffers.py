@@ -11,6 +11,13 @@ starts a new episode (its obs differs from the pending next_obs), the ring skips
 transition's real final next observation keeps its own slot, which starts no transition. A slot
 starts a sampleable transition only while both its row and its next row still hold that
 transition's data; overwriting the oldest rows withdraws the transitions that used them.
+
+Improved actions (DIPO's "diffusion buffer", opt-in): `track_improved_actions()` adds one more
+column, an action per transition start slot that add() initialises to the transition's own action
+and `write_improved()` overwrites. DIPO's reference keeps a second (s, a) ring appended at every env
+step next to the replay ring; it holds the same states in the same order, so here it is a column
+of A floats per slot instead of a second copy of every observation. A buffer that never calls it
+allocates nothing for it and behaves as before.
 """
 
 from __future__ import annotations
@@ -94,6 +101,8 @@ class ReplayBuffer:
         self._pending: np.ndarray | None = None  # host copy of the last next_obs; None: empty
         self.num_added = 0             # add() calls so far (transitions ever added)
         self.generator = torch.Generator(device=self.device)
+        self.improved: torch.Tensor | None = None  # improved-action column (track_improved_actions)
+        self._improved_np: np.ndarray | None = None
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -167,6 +176,8 @@ class ReplayBuffer:
             if write_obs:
                 obs_np[i] = o
             act_np[i] = a
+            if self._improved_np is not None:
+                self._improved_np[i] = a  # a new transition starts from its own action
             rew_np[i] = float(reward)
             term_np[i] = float(terminal)
             obs_np[j] = no
@@ -180,6 +191,8 @@ class ReplayBuffer:
             if write_obs:
                 self.obs[i] = d[S:2 * S]
             self.action[i] = d[2 * S:2 * S + A]
+            if self.improved is not None:
+                self.improved[i] = d[2 * S:2 * S + A]
             self.reward[i] = d[-2]
             self.terminal[i] = d[-1]
         self._validate(i, self.num_added)
@@ -222,12 +235,16 @@ class ReplayBuffer:
             obs_np[nx] = NO
             obs_np[s[write]] = O[write]
             act_np[s], rew_np[s], term_np[s] = A, r, t
+            if self._improved_np is not None:
+                self._improved_np[s] = A
         else:
             dev = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(self.device)  # noqa: E731
             si, nxi = dev(s.astype(np.int64)), dev(nx.astype(np.int64))
             self.obs[nxi] = dev(NO)
             self.obs[dev(s[write].astype(np.int64))] = dev(O[write])
             self.action[si], self.reward[si], self.terminal[si] = dev(A), dev(r), dev(t)
+            if self.improved is not None:
+                self.improved[si] = self.action[si]
         self._cursor, self._pending = int(nx[-1]), NO[-1].copy()
 
     # ------------------------------------------------------------------ reading
@@ -237,11 +254,43 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int) -> Batch:
         """`batch_size` transitions drawn uniformly (with replacement) among the sampleable ones."""
+        return self._gather(self.sample_slots(batch_size))
+
+    def sample_slots(self, batch_size: int) -> torch.Tensor:
+        """The start slots of `batch_size` transitions drawn as sample() draws them: (B,) int64 on
+        the buffer's device, from the same stream. They name the same transitions until the next
+        add()."""
         if self._n == 0:
             raise ValueError("ReplayBuffer.sample: the buffer holds no transition yet")
         self._flush()
         k = torch.randint(0, self._n, (batch_size,), device=self.device, generator=self.generator)
-        return self._gather(self._starts[k])
+        return self._starts[k]
+
+    # ------------------------------------------------------------------ improved actions (DIPO)
+    def track_improved_actions(self) -> None:
+        """Start keeping the improved-action column; every stored transition starts with its own
+        action, and so does every transition added from now on. Calling it again does nothing."""
+        if self.improved is not None:
+            return
+        self.improved = self.action.clone()
+        if self._on_cpu:
+            self._improved_np = self.improved.numpy()
+
+    def _require_improved(self) -> torch.Tensor:
+        if self.improved is None:
+            raise RuntimeError("ReplayBuffer: call track_improved_actions() before using improved actions")
+        return self.improved
+
+    def improved_pairs(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(obs (B, S), improved action (B, A)) of the transitions starting at `slots`."""
+        return self.obs[slots], self._require_improved()[slots]
+
+    def write_improved(self, slots: torch.Tensor, actions: torch.Tensor) -> None:
+        """Overwrite the improved actions of the transitions starting at `slots` (from
+        sample_slots since the last add) with `actions` (B, A). A slot drawn twice gets one of its
+        rows (DIPO improves both copies identically)."""
+        improved = self._require_improved()
+        improved[slots] = actions.detach().to(improved.device, improved.dtype)
 
     def _slots_in_add_order(self) -> np.ndarray:
         slots = self._list[:self._n].astype(np.int64)
@@ -262,8 +311,11 @@ class ReplayBuffer:
 
     def transitions(self) -> Batch:
         """Every stored (sampleable) transition, oldest first, as one batch."""
-        idx = torch.from_numpy(self._slots_in_add_order()).to(self.device)
-        return self._gather(idx)
+        return self._gather(self.stored_slots())
+
+    def stored_slots(self) -> torch.Tensor:
+        """Start slots of the stored transitions, oldest first (the order of transitions())."""
+        return torch.from_numpy(self._slots_in_add_order()).to(self.device)
 
     def stored_indices(self) -> list[int]:
         """add() indices of the stored transitions, oldest first."""
@@ -278,6 +330,7 @@ class ReplayBuffer:
     def nbytes(self) -> int:
         """Bytes of the arrays the buffer holds: the data tensors plus the index bookkeeping."""
         tensors = [self.obs, self.action, self.reward, self.terminal, self._starts]
+        tensors += [self.improved] if self.improved is not None else []
         n = sum(x.numel() * x.element_size() for x in tensors)
         n += self._pos.nbytes + self._added.nbytes + (0 if self._on_cpu else self._list.nbytes)
         return n + (self._pending.nbytes if self._pending is not None else 0)
@@ -307,3 +360,20 @@ class SeedBuffers:
             return Batch(*(x.unsqueeze(0) for x in self.buffers[0].sample(batch_size)))
         parts = [b.sample(batch_size) for b in self.buffers]
         return Batch(*(torch.stack(xs) for xs in zip(*parts)))
+
+    # improved actions (DIPO's diffusion buffer), one column per seed's buffer
+    def track_improved_actions(self) -> None:
+        for b in self.buffers:
+            b.track_improved_actions()
+
+    def sample_improved(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots (N, B), obs (N, B, S), improved actions (N, B, A)), each seed from its own
+        buffer and sampling stream."""
+        slots = [b.sample_slots(batch_size) for b in self.buffers]
+        obs, improved = zip(*(b.improved_pairs(s) for b, s in zip(self.buffers, slots)))
+        return torch.stack(slots), torch.stack(obs), torch.stack(improved)
+
+    def write_improved(self, slots: torch.Tensor, actions: torch.Tensor) -> None:
+        """slots (N, B) from sample_improved, actions (N, B, A): seed k's rows go to buffer k."""
+        for k, b in enumerate(self.buffers):
+            b.write_improved(slots[k], actions[k])

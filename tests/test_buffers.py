@@ -179,3 +179,74 @@ def test_humanoid_million_buffer_fits_in_1_6_gb():
     assert buf.nbytes <= 1.6e9
     # each observation once: well under the 2.86e9 bytes of separate obs and next_obs arrays
     assert buf.nbytes < 1_000_001 * (348 + 17 + 2) * 4 + 30e6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_improved_actions_start_as_the_taken_action_and_are_written_back(device, chunk):
+    """DIPO's diffusion buffer: an opt-in column, one action per stored transition."""
+    stream, _ = episodes(4, 90)
+    buf = ReplayBuffer(S, A, capacity=40, device=device)  # wraps: later adds overwrite written slots
+    buf.seed(3)
+    fill(buf, stream[:30], chunk)
+    assert buf.improved is None
+    with pytest.raises(RuntimeError, match="track_improved_actions"):
+        buf.improved_pairs(buf.stored_slots())
+    before = buf.nbytes
+    buf.track_improved_actions()
+    buf.track_improved_actions()  # idempotent
+    assert buf.nbytes == before + buf.slots * A * 4
+    # transitions stored before tracking started begin with their own action
+    obs, improved = buf.improved_pairs(buf.stored_slots())
+    stored = buf.transitions()
+    assert torch.equal(obs, stored.obs) and torch.equal(improved, stored.action)
+
+    # sample_slots draws what sample() draws, from the same stream
+    buf.seed(9)
+    b = buf.sample(16)
+    buf.seed(9)
+    slots = buf.sample_slots(16)
+    obs, improved = buf.improved_pairs(slots)
+    assert slots.shape == (16,) and slots.dtype == torch.int64 and slots.device.type == device
+    assert torch.equal(obs, b.obs) and torch.equal(improved, b.action)
+
+    # written back: the same slots return the new actions, every other slot keeps its own
+    per_slot = torch.rand(buf.slots, A, device=device) * 2 - 1
+    new = per_slot[slots]  # a slot drawn twice gets equal rows (as DIPO writes them)
+    buf.write_improved(slots, new)
+    assert torch.equal(buf.improved_pairs(slots)[1], new)
+    all_slots = buf.stored_slots()
+    untouched = ~torch.isin(all_slots, slots)
+    assert untouched.sum() > 0
+    assert torch.equal(buf.improved_pairs(all_slots[untouched])[1], buf.transitions().action[untouched])
+    # the Batch of the replay buffer is unchanged by a write
+    buf.seed(9)
+    assert batch_keys(buf.sample(16)) == batch_keys(b)
+
+    # transitions added later (over written slots too) start with their own action
+    fill(buf, stream[30:], chunk)
+    obs, improved = buf.improved_pairs(buf.stored_slots())
+    stored = buf.transitions()
+    assert buf.stored_indices()[0] >= 30  # every written transition has been overwritten
+    assert torch.equal(improved, stored.action) and torch.equal(obs, stored.obs)
+
+
+def test_seed_buffers_route_improved_actions_per_seed():
+    from qvpo.buffers import SeedBuffers
+
+    bufs = []
+    for seed in (0, 1):
+        buf = ReplayBuffer(S, A, capacity=50)
+        fill(buf, episodes(seed, 20)[0])
+        bufs.append(buf)
+    sb = SeedBuffers(bufs, [0, 1])
+    sb.track_improved_actions()
+    slots, obs, improved = sb.sample_improved(8)
+    assert slots.shape == (2, 8) and obs.shape == (2, 8, S) and improved.shape == (2, 8, A)
+    for k in range(2):
+        o, a = bufs[k].improved_pairs(slots[k])
+        assert torch.equal(o, obs[k]) and torch.equal(a, improved[k])
+    new = torch.stack([torch.full((8, A), 0.25), torch.full((8, A), -0.5)])
+    sb.write_improved(slots, new)
+    assert (bufs[0].improved_pairs(slots[0])[1] == 0.25).all()
+    assert (bufs[1].improved_pairs(slots[1])[1] == -0.5).all()

@@ -136,3 +136,47 @@ def test_seeds_per_process_make_one_mlflow_run_per_seed(tmp_path, monkeypatch, c
         assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/return_mean")] == [150]
         assert client.get_metric_history(r.info.run_id, "loss/critic")
         assert {f.path for f in client.list_artifacts(r.info.run_id)} >= {"eval.csv", "learning_curve.png", "checkpoints"}
+
+
+# tiny settings per algorithm (each run: Pendulum-v1, 300 env steps, two evaluations)
+ALGO_TINY = {
+    "qvpo": ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4",
+             "DiffusionPolicy.T = 3", "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
+    "sac": ["SAC.batch_size = 16", "SAC.hidden = (16, 16)"],
+    "td3": ["TD3.batch_size = 16", "TD3.hidden = (16, 16)", "Trainer.warmup_steps = 100"],
+    "dipo": ["DIPO.batch_size = 16", "DIPO.action_gradient_steps = 2", "DiffusionPolicy.T = 3",
+             "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
+    "qsm": ["QSM.batch_size = 16", "QSM.actor_hidden = (16, 16)", "QSM.critic_hidden = (16, 16)",
+            "QSM.time_dim = 8", "QSM.time_hidden = (16, 16)"],
+    "ppo": ["PPO.rollout_steps = 100", "PPO.minibatch_size = 50", "PPO.epochs = 2"],
+    "spo": ["SPO.rollout_steps = 100", "SPO.minibatch_size = 50", "SPO.epochs = 2", "SPO.actor_hidden = (16, 16)"],
+}
+OFF_POLICY_WARMUP = ["Trainer.warmup_steps = 100", "ReplayBuffer.capacity = 1000"]
+
+
+@pytest.mark.parametrize("algo", sorted(ALGO_TINY))
+def test_every_algorithm_writes_the_same_mlflow_record(tmp_path, monkeypatch, capsys, algo):
+    """`qvpo train --algo X` with X's own gin file: the same metric names for the same quantities."""
+    from mlflow.tracking import MlflowClient
+
+    from qvpo.agents import ALGORITHMS
+
+    assert set(ALGO_TINY) == set(ALGORITHMS)  # a new algorithm gets a row here
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    binds = (OFF_POLICY_WARMUP if algo not in ("ppo", "spo") else []) + ALGO_TINY[algo] + [
+        "Trainer.eval_every = 150", "Trainer.eval_episodes = 2", "Trainer.log_every = 100"]
+    rc = main(["train", "--algo", algo, "--env", "Pendulum-v1", "--steps", "300", "--tracking-uri", uri,
+               "--device", "cpu", "--quiet", *[x for b in binds for x in ("--bind", b)]])
+    assert rc == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["algo"] == ALGORITHMS[algo]
+    for key in ("eval/return_mean", "eval/return_std", "eval/return_best", "train/episode_return",
+                "train/episode_length", "loss/critic", "loss/actor", "perf/steps_per_s",
+                "time/env_ms_per_step", "time/sampling_ms_per_step", "time/actor_ms_per_step"):
+        assert client.get_metric_history(run_id, key), f"{algo}: no {key}"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval/return_mean")) == [150, 300]
+    assert {f.path for f in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt",
+                                                                              "checkpoints/final.pt"}

@@ -47,8 +47,8 @@ def _defaults(selector):
     return {k: p.default for k, p in inspect.signature(target).parameters.items()}
 
 
-@pytest.mark.parametrize("gin_file", ["algos/qvpo.gin", "algos/sac.gin", "algos/td3.gin", "algos/ppo.gin",
-                                      "algos/spo.gin", "algos/qsm.gin"])
+@pytest.mark.parametrize("gin_file", ["algos/qvpo.gin", "algos/sac.gin", "algos/td3.gin", "algos/ppo.gin", "algos/spo.gin",
+                                      "algos/dipo.gin", "algos/qsm.gin"])
 def test_gin_file_restates_the_constructor_defaults(gin_file):
     """Running without the gin file must run the paper's settings too: file == code defaults."""
     config.parse([gin_file], [])
@@ -58,8 +58,8 @@ def test_gin_file_restates_the_constructor_defaults(gin_file):
         for name, value in params.items():
             if isinstance(value, (gin_config.ConfigurableReference,)) or selector.endswith("Trainer") and name == "env_id":
                 continue
-            if selector.endswith("Trainer") and gin_file != "algos/qvpo.gin":
-                continue  # the Trainer's defaults are the QVPO paper's protocol; a baseline may differ
+            if selector.endswith(("Trainer", "DiffusionPolicy", "Denoiser", "TwinQ")) and gin_file != "algos/qvpo.gin":
+                continue  # shared configurables' defaults are QVPO's (protocol, networks); a baseline may differ
             assert defaults[name] == value, f"{selector}.{name}: gin file {value!r} != code default {defaults[name]!r}"
             checked += 1
     assert checked >= 12

@@ -1,6 +1,7 @@
 """One file per algorithm. `ALGORITHMS` maps the CLI's --algo names to gin configurable names."""
 
 from qvpo.agents.base import Agent, OnPolicyAgent
+from qvpo.agents.dipo import DIPO
 from qvpo.agents.ppo import PPO
 from qvpo.agents.qsm import QSM
 from qvpo.agents.qvpo import QVPO
@@ -13,8 +14,9 @@ ALGORITHMS: dict[str, str] = {
     "sac": "SAC",
     "td3": "TD3",
     "qsm": "QSM",
+    "dipo": "DIPO",
     "ppo": "PPO",
     "spo": "SPO",
 }
 
-__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "QSM", "ALGORITHMS"]
+__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "DIPO", "QSM", "ALGORITHMS"]
