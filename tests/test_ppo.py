@@ -151,21 +151,53 @@ def _synthetic_rollout(seeds, T=8, S=3, A=2):
     return Rollout(*(torch.stack(xs) for xs in zip(*parts)))
 
 
+def test_one_ppo_update_equals_the_loss_written_out():
+    """One epoch, one minibatch = the whole rollout, no reward scaling or clipping of gradients:
+    the update is one Adam step on L = clipped surrogate + 0.5 clipped value loss, computed here
+    from the formulas with torch.distributions."""
+    import copy
+
+    agent = PPO(3, 2, seeds=(0,), rollout_steps=8, minibatch_size=8, epochs=1, actor_hidden=(8,),
+                critic_hidden=(8,), normalize_reward=False, max_grad_norm=None, anneal_lr=False)
+    net = copy.deepcopy(agent.net)
+    ro = _synthetic_rollout((0,))
+    agent.update(ro, step=8)
+
+    adv = gae(ro.reward, ro.value, ro.next_value, ro.terminal, ro.done, 0.99, 0.95)
+    ret = adv + ro.value
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    mean = net.actor_mean(ro.obs)
+    dist = torch.distributions.Normal(mean, net.log_std.exp().expand_as(mean))
+    ratio = (dist.log_prob(ro.action).sum(-1) - ro.log_prob).exp()
+    surrogate = torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    v = net.critic(ro.obs).squeeze(-1)
+    v_clip = ro.value + (v - ro.value).clamp(-0.2, 0.2)
+    value_loss = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2).mean()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4, eps=1e-5)
+    (-surrogate + 0.5 * value_loss).backward()
+    opt.step()
+    for p_agent, p_hand in zip(agent.net.parameters(), net.parameters()):
+        torch.testing.assert_close(p_agent, p_hand, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("cls", [PPO, SPO])
 def test_update_batched_seeds_match_separate(cls):
     seeds = (4, 5)
     kw = dict(rollout_steps=8, minibatch_size=4, epochs=2, actor_hidden=(8,), critic_hidden=(8,))
-    batched = cls(3, 2, seeds=seeds, **kw)
-    alone = [cls(3, 2, seeds=(s,), **kw) for s in seeds]
+    batched = cls(3, 2, seeds=seeds, total_steps=32, **kw)  # 4 iterations of 8 steps
+    alone = [cls(3, 2, seeds=(s,), total_steps=32, **kw) for s in seeds]
+    start = [p.detach().clone() for p in batched.net.parameters()]
     for it in range(2):
         m = batched.update(_synthetic_rollout(seeds), step=8 * (it + 1))
+        assert m["ppo/lr"] == pytest.approx(3e-4 * (1 - it / 4))  # ppo2: full lr first, then linear to 0
         for a, s in zip(alone, seeds):
             a.update(_synthetic_rollout((s,)), step=8 * (it + 1))
     for k, a in enumerate(alone):
         for p_b, p_a in zip(batched.net.parameters(), a.net.parameters()):
             torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-6)
     assert m["loss/actor"].shape == (2,) and m["ppo/approx_kl"].shape == (2,)
-    assert m["ppo/lr"] < 3e-4  # annealed: the second iteration runs below the initial rate
+    for k in range(2):  # the updates moved every seed's parameters
+        assert all(not torch.equal(p[k], p0[k]) for p, p0 in zip(batched.net.parameters(), start))
     out = batched.explore(torch.randn(2, 3))
     assert out["env_action"].abs().max() <= 1 and out["action"].shape == (2, 2) and out["value"].shape == (2,)
 
@@ -193,12 +225,20 @@ def test_on_policy_trainer_bootstraps_truncations_and_checks_warmup():
 
     trainer.envs[0].step, trainer.agent.update = step, update
     # the value network at the time of the truncation: the update comes after it (step 256)
-    values_at_truncation = []
+    values_at_truncation, valued_obs = [], []
     value = trainer.agent.value
-    trainer.agent.value = lambda obs: values_at_truncation.append(value(obs)) or values_at_truncation[-1]
+
+    def recording_value(obs):
+        valued_obs.append(obs.clone())
+        values_at_truncation.append(value(obs))
+        return values_at_truncation[-1]
+
+    trainer.agent.value = recording_value
     trainer.run()
     [rollout] = seen
     assert len(finals) == 1
+    # the first value() call is the truncation's bootstrap, on the real final observation
+    np.testing.assert_allclose(valued_obs[0][0].numpy(), finals[0], rtol=0, atol=1e-6)
     assert rollout.done[0, 199] == 1 and rollout.terminal[0, 199] == 0 and rollout.done[0, :199].sum() == 0
     torch.testing.assert_close(rollout.next_value[0, 199], values_at_truncation[0][0])
     torch.testing.assert_close(rollout.next_value[0, 198], rollout.value[0, 199])
@@ -207,6 +247,8 @@ def test_on_policy_trainer_bootstraps_truncations_and_checks_warmup():
     gin.parse_config(["Trainer.warmup_steps = 100"])
     with pytest.raises(ConfigError, match="on-policy.*warmup_steps must be 0"):
         Trainer()
+    with pytest.raises(ConfigError, match="minibatch_size must be >= 2"):
+        PPO(3, 2, rollout_steps=8, minibatch_size=1)
 
 
 # InvertedPendulum-v5: an episode ends when the pole falls; a random policy lasts a few steps

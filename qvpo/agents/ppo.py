@@ -58,10 +58,16 @@ class GaussianPolicyValue(nn.Module):
     def log_prob_entropy(self, obs: torch.Tensor, action: torch.Tensor):
         """log pi(a|s) (N, B), entropy (N, B), and the mean (N, B, A)."""
         mean = self.actor_mean(obs)
-        log_std = self.log_std.expand_as(mean)
-        log_prob = (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
-        entropy = (0.5 + 0.5 * LOG_2PI + log_std).sum(-1)
-        return log_prob, entropy, mean
+        return gaussian_log_prob(mean, self.log_std, action), self.entropy(mean), mean
+
+    def entropy(self, mean: torch.Tensor) -> torch.Tensor:
+        return (0.5 + 0.5 * LOG_2PI + self.log_std.expand_as(mean)).sum(-1)
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """log N(action; mean, exp(log_std)^2), summed over action dims."""
+    log_std = log_std.expand_as(mean)
+    return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
 
 
 @gin.configurable
@@ -115,6 +121,8 @@ class PPO(OnPolicyAgent):
         self._setup(name, device, timer, seeds, minibatch_size, gamma, lr=lr)
         require_int(rollout_steps, f"{name}.rollout_steps (env steps)", 1)
         require_int(epochs, f"{name}.epochs", 1)
+        require(minibatch_size >= 2 or not normalize_advantages,
+                f"{name}.minibatch_size must be >= 2 to normalise advantages per minibatch, got {minibatch_size}")
         require(rollout_steps % minibatch_size == 0,
                 f"{name}.minibatch_size ({minibatch_size}) must divide {name}.rollout_steps ({rollout_steps})")
         require(0 <= gae_lambda <= 1, f"{name}.gae_lambda must be in [0, 1], got {gae_lambda}")
@@ -151,7 +159,7 @@ class PPO(OnPolicyAgent):
         z = self._normalize(obs[:, None], update=True)             # (N, 1, S)
         mean = self.net.actor_mean(z)
         action = mean + self.net.log_std.exp() * self.rng.randn(1, mean.shape[-1])
-        log_prob, _, _ = self.net.log_prob_entropy(z, action)
+        log_prob = gaussian_log_prob(mean, self.net.log_std, action)
         return {"env_action": action[:, 0].clamp(-1.0, 1.0), "obs": z[:, 0], "action": action[:, 0],
                 "log_prob": log_prob[:, 0], "value": self.net.value(z)[:, 0]}
 
