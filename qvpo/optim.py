@@ -42,18 +42,25 @@ def soft_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) ->
         torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float | None) -> torch.Tensor:
+def clip_and_step(optimizer: torch.optim.Optimizer, max_norm: float | None,
+                  norms: bool = True) -> torch.Tensor | None:
     """Clip each seed's gradient norm to max_norm (if given), step, return the pre-clip norms (N,).
 
-    Parameters carry a leading seed dimension; the norm of seed k runs over its slices only, as
+    The parameters are the optimiser's own (no module traversal per step). They carry a leading
+    seed dimension; the norm of seed k runs over its slices only, as
     torch.nn.utils.clip_grad_norm_ would in a run of that seed alone (same 1e-6 guard).
+    norms=False with no clipping skips the norm computation and returns None.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    clip = max_norm is not None and max_norm > 0
+    if not clip and not norms:
+        optimizer.step()
+        return None
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     sq = torch.stack([g.pow(2).flatten(1).sum(dim=1) for g in grads]).sum(dim=0)  # (N,)
-    norms = sq.sqrt()
-    if max_norm is not None and max_norm > 0:
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    norm = sq.sqrt()
+    if clip:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
     optimizer.step()
-    return norms
+    return norm

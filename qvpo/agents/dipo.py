@@ -218,7 +218,7 @@ class DIPO(Agent):
             critic_loss = (q1 - y).pow(2).mean(dim=-1) + (q2 - y).pow(2).mean(dim=-1)  # (N,)
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.sum().backward()  # seeds have disjoint parameters: sum = per-seed gradients
-            critic_grad = clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
+            critic_grad = clip_and_step(self.critic_opt, self.grad_clip)
 
         with timer.phase("actor"):
             # 2. action gradient on a minibatch of the diffusion buffer, written back
@@ -232,7 +232,7 @@ class DIPO(Agent):
             policy_loss = self.policy.loss(states, improved, None, self.rng)  # (N,)
             self.policy_opt.zero_grad(set_to_none=True)
             policy_loss.sum().backward()
-            policy_grad = clip_and_step(self.policy_opt, self.policy.parameters(), self.grad_clip)
+            policy_grad = clip_and_step(self.policy_opt, self.grad_clip)
 
             # 4. targets (the reference counts updates from 0: the first one moves the EMA policy)
             soft_update(self.critic_target, self.critic, self.tau)

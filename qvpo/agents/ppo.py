@@ -220,7 +220,7 @@ class PPO(OnPolicyAgent):
                     loss = pg_loss + self.value_coef * v_loss - self.entropy_coef * entropy
                     self.opt.zero_grad(set_to_none=True)
                     loss.sum().backward()  # seeds have disjoint parameters
-                    grad_norm = clip_and_step(self.opt, self.net.parameters(), self.max_grad_norm)
+                    grad_norm = clip_and_step(self.opt, self.max_grad_norm)
                     with torch.no_grad():
                         for k, v in {"loss/actor": pg_loss, "loss/critic": v_loss, "entropy/estimate": entropy,
                                      "ppo/approx_kl": ((ratio - 1) - log_ratio).mean(-1),

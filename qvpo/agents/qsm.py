@@ -289,7 +289,7 @@ class QSM(Agent):
             critic_loss = (q1 - y).pow(2).mean(dim=-1) + (q2 - y).pow(2).mean(dim=-1)  # (N,)
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.sum().backward()  # seeds have disjoint parameters: sum = per-seed gradients
-            critic_grad = clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
+            critic_grad = clip_and_step(self.critic_opt, self.grad_clip)
             soft_update(self.critic_target, self.critic, self.tau)
 
         # 2. actor: match eps_theta at the noised replay action to -alpha grad_a Q
@@ -302,7 +302,7 @@ class QSM(Agent):
                 group["lr"] = lr
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.sum().backward()
-            actor_grad = clip_and_step(self.actor_opt, self.actor.parameters(), self.grad_clip)
+            actor_grad = clip_and_step(self.actor_opt, self.grad_clip)
             self.num_updates += 1
             # 3. the sampling actor
             soft_update(self.actor_target, self.actor, self.actor_tau)

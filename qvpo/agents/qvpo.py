@@ -156,7 +156,7 @@ class QVPO(Agent):
             critic_loss = (q1 - y).pow(2).mean(dim=-1) + (q2 - y).pow(2).mean(dim=-1)  # (N,)
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.sum().backward()  # seeds have disjoint parameters: sum = per-seed gradients
-            critic_grad = clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
+            critic_grad = clip_and_step(self.critic_opt, self.grad_clip)
 
         # 2. Nd candidates per state of a fresh minibatch, scored by the updated critic
         states = batch.obs if self.shared_batch else buffers.sample(self.batch_size).obs
@@ -177,7 +177,7 @@ class QVPO(Agent):
             policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights, self.rng)  # (N,)
             self.policy_opt.zero_grad(set_to_none=True)
             policy_loss.sum().backward()
-            policy_grad = clip_and_step(self.policy_opt, self.policy.parameters(), self.grad_clip)
+            policy_grad = clip_and_step(self.policy_opt, self.grad_clip)
 
             # 6. targets
             soft_update(self.critic_target, self.critic, self.tau)

@@ -132,7 +132,7 @@ class SAC(Agent):
             critic_loss = (q1 - y).pow(2).mean(-1) + (q2 - y).pow(2).mean(-1)  # (N,)
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.sum().backward()
-            clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
+            clip_and_step(self.critic_opt, self.grad_clip, norms=False)
 
         with timer.phase("actor"):  # 2. policy, 3. temperature
             a, logp = self.actor.sample(b.obs, self.rng)
@@ -140,7 +140,7 @@ class SAC(Agent):
                 actor_loss = (alpha * logp - self.critic.q_min(b.obs, a)).mean(-1)
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.sum().backward()
-            clip_and_step(self.actor_opt, self.actor.parameters(), self.grad_clip)
+            clip_and_step(self.actor_opt, self.grad_clip, norms=False)
             alpha_loss = self.alpha_loss(logp.detach())
             self.alpha_opt.zero_grad(set_to_none=True)
             alpha_loss.sum().backward()

@@ -119,7 +119,7 @@ class TD3(Agent):
             critic_loss = (q1 - y).pow(2).mean(-1) + (q2 - y).pow(2).mean(-1)  # (N,)
             self.critic_opt.zero_grad(set_to_none=True)
             critic_loss.sum().backward()
-            clip_and_step(self.critic_opt, self.critic.parameters(), self.grad_clip)
+            clip_and_step(self.critic_opt, self.grad_clip, norms=False)
         metrics = {"loss/critic": critic_loss.detach(), "q/mean": q1.detach().mean(-1),
                    "q/target_mean": y.mean(-1)}
         if self.updates % self.policy_delay == 0:  # delayed actor and target updates
@@ -129,7 +129,7 @@ class TD3(Agent):
                 actor_loss = -q1_pi.mean(-1)
                 self.actor_opt.zero_grad(set_to_none=True)
                 actor_loss.sum().backward()
-                clip_and_step(self.actor_opt, self.actor.parameters(), self.grad_clip)
+                clip_and_step(self.actor_opt, self.grad_clip, norms=False)
                 soft_update(self.actor_target, self.actor, self.tau)
                 soft_update(self.critic_target, self.critic, self.tau)
             metrics["loss/actor"] = actor_loss.detach()
