@@ -36,7 +36,9 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow --durations=15 $(PYTEST_ARGS)
 
 # Speed benchmarks (pytest-benchmark): JSON in benchmarks/results/, a markdown table on stdout.
+# Installs stable-baselines3 (optional extra `sb3`, torch kept at TORCH_SPEC) for the SB3 comparison.
 bench: install
+	$(BIN)/python -m pip install --quiet -e ".[dev,sb3]" $(TORCH_SPEC)
 	mkdir -p benchmarks/results
 	$(BIN)/python -m pytest benchmarks --benchmark-only \
 		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)

@@ -59,6 +59,20 @@ def main(path: str) -> None:
         print(f"| {name} | {b.get('extra_info', {}).get('what', '')} | {fmt(st['median'])} | "
               f"{fmt(st['mean'])} | {st['rounds']} | {x_floor} | {vs_ref} |")
 
+    throughput = {}  # (algo, library) -> env steps / s
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        if "env_steps" in info:
+            throughput[info["algo"], info["library"]] = info["env_steps"] / b["stats"]["median"]
+    algos = sorted({a for a, _ in throughput})
+    if algos:
+        print("\n| training on Hopper-v5 (CPU) | qvpo env steps/s | stable-baselines3 env steps/s | qvpo / SB3 |")
+        print("|---|---|---|---|")
+        for a in algos:
+            ours, theirs = throughput.get((a, "qvpo")), throughput.get((a, "sb3"))
+            ratio = f"{ours / theirs:.2f}" if ours and theirs else ""
+            print(f"| {a} | {ours or 0:.0f} | {theirs or 0:.0f} | {ratio} |")
+
 
 if __name__ == "__main__":
     main(sys.argv[1])
