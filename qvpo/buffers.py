@@ -326,6 +326,39 @@ class ReplayBuffer:
         """(slots,) bool, on the host: slot i starts a sampleable transition."""
         return torch.from_numpy(self._pos >= 0)
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: the rows that hold stored transitions (not the
+        unused tail of a ring that has not wrapped yet), the bookkeeping and the sampling stream."""
+        valid = np.flatnonzero(self._pos >= 0)
+        hi = 0 if len(valid) == 0 else min(self.slots, int(valid.max()) + 2)  # a start and its next row
+        rows = {name: getattr(self, name)[:hi].cpu().clone() for name in ("obs", "action", "reward", "terminal")}
+        if self.improved is not None:
+            rows["improved"] = self.improved[:hi].cpu().clone()
+        return {"capacity": self.capacity, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
+                "rows": rows, "list": np.array(self._list[:self._n]), "pos": self._pos.copy(),
+                "added": self._added.copy(), "n": self._n, "cursor": self._cursor,
+                "pending": None if self._pending is None else self._pending.copy(),
+                "num_added": self.num_added, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        shape = (state["capacity"], state["obs_dim"], state["action_dim"])
+        if shape != (self.capacity, self.obs_dim, self.action_dim):
+            raise ValueError(f"replay buffer in the checkpoint has (capacity, obs_dim, action_dim) = {shape}, "
+                             f"this run's is {(self.capacity, self.obs_dim, self.action_dim)}")
+        rows = state["rows"]
+        if "improved" in rows:
+            self.track_improved_actions()
+        for name, x in rows.items():
+            getattr(self, name)[:len(x)] = x.to(self.device)
+        n = state["n"]
+        self._list[:n] = state["list"]
+        self._pos[:], self._added[:] = state["pos"], state["added"]
+        self._n, self._cursor, self.num_added = n, state["cursor"], state["num_added"]
+        self._pending = state["pending"]
+        self._dirty, self._dirty_all = [], not self._on_cpu  # the device mirror is resent once
+        self.generator.set_state(state["generator"])
+
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays the buffer holds: the data tensors plus the index bookkeeping."""

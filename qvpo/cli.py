@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from qvpo.errors import ConfigError
@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     t.add_argument("--device", help="auto | cpu | cuda (Trainer.device)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--resume", metavar="RUN_ID|PATH",
+                   help="continue an interrupted run from its last checkpoint (an MLflow run id, looked up "
+                        "in --tracking-uri, or a checkpoint file); its own config is used")
+    t.add_argument("--checkpoint-dir", default="checkpoints",
+                   help="where resumable checkpoints and run files live (default: ./checkpoints)")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print links to the runs")
     u.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -43,37 +48,54 @@ def train(args: argparse.Namespace) -> int:
 
     from qvpo import config
     from qvpo.tracking import MlflowTracker, flat_params, run_tags
-    from qvpo.train import Trainer
+    from qvpo.train import Checkpointer, DivergenceError, Interrupted, Trainer
 
-    # 1. config: files, then bindings, then shorthands (all before anything is built)
-    algo = args.algo
-    gin_files = args.gin or [f"algos/{algo or 'qvpo'}.gin"]
-    bindings = list(args.bind) + config.shorthand_bindings(
-        algo=algo, env=args.env, steps=args.steps, seed=args.seed, experiment=args.experiment,
-        tracking_uri=args.tracking_uri, device=args.device)
-    if args.quiet:
-        bindings.append("Trainer.progress = False")
-    config.parse(gin_files, bindings)
+    # 1. config: files, then bindings, then shorthands (all before anything is built); a resumed
+    #    run uses the operative config its checkpoint holds
+    resumed = _load_resume(args) if args.resume else None
+    if resumed is not None:
+        if args.gin or args.bind or any(v is not None for v in (args.algo, args.env, args.steps, args.seed,
+                                                                  args.experiment, args.device)):
+            raise ConfigError("--resume continues a run with its own config: drop --gin, --bind and the "
+                              "shorthand flags (only --tracking-uri, --checkpoint-dir and --quiet apply)")
+        extra = resumed["extra"]
+        config.parse_text(extra["config"], [f"MlflowTracker.tracking_uri = {extra['tracking_uri']!r}"]
+                          + (["Trainer.progress = False"] if args.quiet else []))
+    else:
+        algo = args.algo
+        gin_files = args.gin or [f"algos/{algo or 'qvpo'}.gin"]
+        bindings = list(args.bind) + config.shorthand_bindings(
+            algo=algo, env=args.env, steps=args.steps, seed=args.seed, experiment=args.experiment,
+            tracking_uri=args.tracking_uri, device=args.device)
+        if args.quiet:
+            bindings.append("Trainer.progress = False")
+        config.parse(gin_files, bindings)
 
     # 2. build envs, buffers and agent (validates every value), check the store: still no run
     try:
         trainer = Trainer()
         trackers = [MlflowTracker() for _ in trainer.seeds]
+        if resumed is not None:
+            trainer.load_state_dict(resumed["trainer"])
     except ConfigError:
         raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(config.one_line(e)) from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(("checkpoint does not fit this run: " if resumed else "") + config.one_line(e)) from None
     trackers[0].check()
+    holding = trainer.checkpoint_every > 0
+    for tracker in trackers:
+        tracker.hold = holding
 
     # 3. one MLflow run per seed, with the operative config of everything built above
     algo_name = type(trainer.agent).__name__
     params, config_str = flat_params(), gin.operative_config_str()
     N = len(trainer.seeds)
     started: list[MlflowTracker] = []
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM ends runs as KILLED
+    handlers = _stop_on_signals(trainer)
+    out_dirs: list[Path] = []
+    ckpt_path = None
     try:
-        with tempfile.TemporaryDirectory(prefix="qvpo-run-") as out:
-            out_dirs = [Path(out) / f"seed{seed}" for seed in trainer.seeds]
+        if resumed is None:
             for tracker, seed in zip(trackers, trainer.seeds):
                 run_id = tracker.start(
                     run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
@@ -81,30 +103,50 @@ def train(args: argparse.Namespace) -> int:
                     tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
                           "seed": str(seed), "seeds_per_process": str(N)})
                 started.append(tracker)
-                print(f"MLflow run {run_id} (seed {seed}) in experiment {tracker.experiment!r} at {tracker.uri}",
-                      file=sys.stderr)
-            try:
-                results = trainer.run([t.log for t in trackers], out_dirs)
-            finally:  # what exists (best checkpoint, eval.csv) is kept, also when the run fails
-                for tracker, d in zip(started, out_dirs):
-                    try:
-                        tracker.flush()
-                        if d.exists():
-                            tracker.log_artifacts(d)
-                    except Exception as e:  # noqa: BLE001 - report, and still end the runs
-                        print(f"qvpo: warning: could not upload artifacts of run {tracker.run_id}: {e}",
-                              file=sys.stderr)
-    except KeyboardInterrupt:
+            run_dir = Path(args.checkpoint_dir).resolve() / trackers[0].run_id
+        else:
+            extra = resumed["extra"]
+            for tracker, run_id, pending in zip(trackers, extra["run_ids"], extra["pending"]):
+                tracker.resume(run_id, pending, trainer.step)
+                started.append(tracker)
+            run_dir = Path(extra["run_dir"])
+        ckpt_path = run_dir / "state.pt"
+        for tracker, seed in zip(trackers, trainer.seeds):
+            tracker.client.set_tag(tracker.run_id, "qvpo.checkpoint", str(ckpt_path))
+            print(f"MLflow run {tracker.run_id} (seed {seed}) in experiment {tracker.experiment!r} at "
+                  f"{tracker.uri}" + (f", resumed at env step {trainer.step}" if resumed else ""), file=sys.stderr)
+        out_dirs = [run_dir / f"seed{seed}" for seed in trainer.seeds]
+        checkpointer = Checkpointer(
+            ckpt_path,
+            extra=lambda: {"config": config_str, "tracking_uri": trackers[0].uri, "run_dir": str(run_dir),
+                           "run_ids": [t.run_id for t in trackers], "pending": [t.pending_rows() for t in trackers]},
+            committed=lambda step: [t.flush() for t in trackers] if holding else None)
+        results = trainer.run([t.log for t in trackers], out_dirs, checkpointer)
+        for tracker, d in zip(trackers, out_dirs):
+            tracker.flush()
+            if d.exists():
+                tracker.log_artifacts(d)
+    except Interrupted as stop:
+        reason = f"{stop}; resume with: qvpo train --resume {trackers[0].run_id}"
         for tracker in started:
-            tracker.end("KILLED", "interrupted (SIGINT or SIGTERM)")
-            print(f"run_id: {tracker.run_id} (killed)")
-        return 130
+            tracker.end("KILLED", reason, flush=not holding)
+            print(f"run_id: {tracker.run_id} (killed: {reason})")
+        return 128 + stop.signum
+    except DivergenceError as e:
+        for tracker, d in zip(started, out_dirs or [None] * len(started)):
+            _upload_quietly(tracker, d)
+            tracker.client.set_tag(tracker.run_id, "failure_reason", str(e)[:5000])
+            tracker.end("FAILED", str(e), flush=not holding)
+        print(f"qvpo: error: {e} (the last good checkpoint is kept: {ckpt_path})", file=sys.stderr)
+        return 1
     except BaseException as e:
-        for tracker in started:
-            tracker.end("FAILED", f"{type(e).__name__}: {e}")
+        for tracker, d in zip(started, out_dirs or [None] * len(started)):
+            _upload_quietly(tracker, d)
+            tracker.end("FAILED", f"{type(e).__name__}: {e}", flush=not holding)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         trainer.close()
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for tracker, seed, result in zip(trackers, trainer.seeds, results):
@@ -115,11 +157,54 @@ def train(args: argparse.Namespace) -> int:
         print(f"run_id: {tracker.run_id}")
         print(f"final eval return: {fmt(result.final_eval)}")
         print(f"best eval return: {fmt(result.best_eval)}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # uploaded to MLflow; a finished run is not resumed
     return 0
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+def _load_resume(args: argparse.Namespace) -> dict:
+    """The checkpoint named by --resume: a file path, or an MLflow run id whose tag points to one."""
+    from qvpo import checkpoint
+    from qvpo.tracking import resolve_tracking_uri
+
+    target = args.resume
+    if Path(target).is_file():
+        return checkpoint.load(Path(target))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    missing = f"--resume {target!r}: no such checkpoint file, and no MLflow run with that id at {uri!r}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise ConfigError(missing)  # (looking would create an empty store)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(uri).get_run(target)
+    except Exception:  # noqa: BLE001 - a missing run or an unusable store
+        raise ConfigError(missing) from None
+    path = run.data.tags.get("qvpo.checkpoint")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"MLflow run {target} has already FINISHED; nothing to resume")
+    if not path:
+        raise ConfigError(f"MLflow run {target} has no checkpoint (tag qvpo.checkpoint); it cannot be resumed")
+    return checkpoint.load(Path(path))
+
+
+def _stop_on_signals(trainer) -> dict:
+    """SIGINT / SIGTERM: the trainer checkpoints and stops at the end of the current env step;
+    a second signal stops at once."""
+    def handler(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        trainer.stop_signal = signum
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _upload_quietly(tracker, out_dir: Path | None) -> None:
+    """Keep what exists (best checkpoint, eval.csv) with a failed run; report, never raise."""
+    try:
+        if out_dir is not None and out_dir.exists():
+            tracker.log_artifacts(out_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"qvpo: warning: could not upload artifacts of run {tracker.run_id}: {e}", file=sys.stderr)
 
 
 def print_curve(result, max_rows: int = 20) -> None:

@@ -71,6 +71,17 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
         raise ConfigError(f"gin config: {one_line(e)}") from None
 
 
+def parse_text(text: str, bindings: list[str]) -> None:
+    """Clear gin and parse a config given as text (a checkpoint's operative config), then bindings."""
+    gin.clear_config()
+    use_gin_dir_for_includes()
+    try:
+        gin.parse_config(text, skip_unknown=False)
+        gin.parse_config(bindings, skip_unknown=False)
+    except (ValueError, SyntaxError, TypeError, KeyError, NameError, IOError) as e:
+        raise ConfigError(f"gin config: {one_line(e)}") from None
+
+
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message (gin appends long context after it)."""
     text = str(e).strip()

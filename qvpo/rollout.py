@@ -91,3 +91,15 @@ class RolloutBuffer:
         self.t = 0
         return Rollout(self.obs.clone(), self.action.clone(), self.log_prob.clone(), self.value.clone(),
                        self.reward.clone(), self.terminal.clone(), self.done.clone(), next_value)
+
+    # ------------------------------------------------------------------ checkpoints
+    _FIELDS = ("obs", "action", "log_prob", "value", "reward", "terminal", "done", "bootstrap_value")
+
+    def state_dict(self) -> dict:
+        """The partial rollout (a checkpoint may fall inside one)."""
+        return {"t": self.t, **{k: getattr(self, k)[:, :self.t].cpu().clone() for k in self._FIELDS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = state["t"]
+        for k in self._FIELDS:
+            getattr(self, k)[:, :self.t] = state[k].to(self.device)

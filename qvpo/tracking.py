@@ -96,6 +96,9 @@ class MlflowTracker:
         self.run_id: str | None = None
         self._pending: list = []
         self._last_flush = time.monotonic()
+        # hold=True: metrics are sent only by explicit flush() calls (the trainer flushes after
+        # each durable checkpoint, so a resumed run never logs a step twice)
+        self.hold = False
 
     def check(self) -> str:
         """Fail fast (ConfigError) if the store cannot be reached; returns the experiment id."""
@@ -124,8 +127,31 @@ class MlflowTracker:
 
         ts = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-        if time.monotonic() - self._last_flush > self.flush_every_s:
+        if not self.hold and time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()
+
+    def pending_rows(self) -> list[tuple[str, float, int, int]]:
+        """The metrics not yet sent, as (key, value, timestamp, step) rows (for a checkpoint)."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._pending]
+
+    def resume(self, run_id: str, pending: list[tuple[str, float, int, int]], step: int) -> None:
+        """Continue an existing run: mark it RUNNING again and send the metrics its checkpoint
+        held (MLflow ignores an exact repeat of a metric, so rows sent before the crash are not
+        doubled)."""
+        from mlflow.entities import Metric
+
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot resume MLflow run {run_id!r} at {self.uri!r}: {first}") from None
+        if run.info.status == "FINISHED":
+            raise ConfigError(f"MLflow run {run_id} has already FINISHED; nothing to resume")
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "qvpo.resumed_at_step", str(step))
+        self._pending = [Metric(*row) for row in pending]
+        self.flush()
 
     def flush(self) -> None:
         for i in range(0, len(self._pending), MAX_BATCH):
@@ -136,12 +162,14 @@ class MlflowTracker:
     def log_artifacts(self, local_dir: Path) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir))
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
-        """Flush and mark the run; a failing store is reported, never raised (other runs end too)."""
+    def end(self, status: str = "FINISHED", reason: str | None = None, flush: bool = True) -> None:
+        """Flush (unless told not to: metrics after the last checkpoint stay unsent, so a resume
+        logs them once) and mark the run; a failing store is reported, never raised."""
         if self.run_id is None:
             return
         try:
-            self.flush()
+            if flush:
+                self.flush()
             if reason:
                 self.client.set_tag(self.run_id, "end_reason", reason[:5000])
             self.client.set_terminated(self.run_id, status=status)

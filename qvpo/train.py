@@ -11,7 +11,9 @@ No algorithm maths here: the loop asks the agent for actions and updates and han
 from __future__ import annotations
 
 import csv
+import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,8 @@ from tqdm import tqdm
 from qvpo.agents.base import Agent
 from qvpo.agents.qvpo import QVPO
 from qvpo.buffers import ReplayBuffer, SeedBuffers
-from qvpo.envs import check_env_id, env_dims, make_env
+from qvpo.checkpoint import atomic_save
+from qvpo.envs import check_env_id, env_dims, get_env_state, make_env, set_env_state
 from qvpo.errors import ConfigError, require, require_int
 from qvpo.rollout import RolloutBuffer
 from qvpo.timing import PhaseTimer
@@ -139,6 +142,11 @@ class Trainer:
       num_threads: torch intra-op threads (0 = torch's default, one per core).
       sync_timing: on CUDA, synchronise at the edges of each timed phase so `time/*` metrics are
         device time (slower); off: host-side time.
+      checkpoint_every: env steps between resumable checkpoints when `run` is given a
+        Checkpointer (0 = none; SIGINT/SIGTERM still write one). A checkpoint holds the whole
+        state: agent, buffers, env states, RNGs, counters, results.
+      deterministic: torch.use_deterministic_algorithms(True) and one thread (CPU runs then
+        repeat bit for bit, also across a checkpoint and resume).
     """
 
     def __init__(self, env_id: str = "Hopper-v5",
@@ -155,7 +163,9 @@ class Trainer:
                  log_every: int = 1_000,
                  progress: bool = True,
                  num_threads: int = 0,
-                 sync_timing: bool = False):
+                 sync_timing: bool = False,
+                 checkpoint_every: int = 10_000,
+                 deterministic: bool = False):
         require_int(total_steps, "Trainer.total_steps (--steps)", 0)
         require_int(warmup_steps, "Trainer.warmup_steps", 0)
         require_int(updates_per_step, "Trainer.updates_per_step", 0)
@@ -165,6 +175,7 @@ class Trainer:
         require_int(seed, "Trainer.seed (--seed)", 0)
         require_int(seeds_per_process, "Trainer.seeds_per_process", 1)
         require_int(num_threads, "Trainer.num_threads", 0)
+        require_int(checkpoint_every, "Trainer.checkpoint_every (env steps)", 0)
         require(isinstance(env_id, str), f"Trainer.env_id (--env) must be a string, got {env_id!r}")
         check_env_id(env_id)
         self.env_id, self.total_steps, self.warmup_steps = env_id, int(total_steps), warmup_steps
@@ -172,6 +183,10 @@ class Trainer:
         self.seeds = [seed + k for k in range(seeds_per_process)]
         self.truncation_is_terminal = truncation_is_terminal
         self.log_every, self.progress = log_every, progress
+        self.checkpoint_every = checkpoint_every
+        if deterministic:
+            torch.use_deterministic_algorithms(True)
+            num_threads = 1
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
@@ -185,6 +200,14 @@ class Trainer:
         self.timer = PhaseTimer(self.device, sync=sync_timing)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
                            total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
+        # the loop's state (what a checkpoint holds besides agent, buffers and envs)
+        N = len(self.seeds)
+        self.step = 0
+        self.results = [TrainResult() for _ in range(N)]
+        self.acc = MetricAccumulator()
+        self.obs: np.ndarray | None = None
+        self.ep_return, self.ep_len = [0.0] * N, [0] * N
+        self.stop_signal: int | None = None  # set by a signal handler: checkpoint and stop
         if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
             require(warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
                     f"rollouts, so Trainer.warmup_steps must be 0 (got {warmup_steps})")
@@ -220,25 +243,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self, logs: LogFn | list[LogFn] | None = None,
-            out_dirs: Path | list[Path] | None = None) -> list[TrainResult]:
-        """Train every seed for total_steps env steps; logs[k] and out_dirs[k] are seed k's."""
+            out_dirs: Path | list[Path] | None = None,
+            checkpointer: "Checkpointer | None" = None) -> list[TrainResult]:
+        """Train every seed up to total_steps env steps (continuing from `self.step` after
+        load_state_dict); logs[k] and out_dirs[k] are seed k's."""
         N = len(self.seeds)
         logs = [logs] * N if logs is None or callable(logs) else list(logs)
         logs = [log or (lambda metrics, step: None) for log in logs]
         out_dirs = [out_dirs] * N if out_dirs is None or isinstance(out_dirs, Path) else list(out_dirs)
-        results = [TrainResult() for _ in range(N)]
-        acc = MetricAccumulator()
+        results, acc = self.results, self.acc
         timer, agent, envs = self.timer, self.agent, self.envs
-        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, self.seeds)])
+        if self.obs is None:  # a fresh run (a resumed one continues its episodes)
+            self.obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, self.seeds)])
+        obs = self.obs
         next_obs = np.empty_like(obs)
         rewards = np.zeros(N)
         terminated, truncated = np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
-        ep_return, ep_len = [0.0] * N, [0] * N
-        t_log, steps_at_log = time.perf_counter(), 0
+        ep_return, ep_len = self.ep_return, self.ep_len
+        t_log, steps_at_log = time.perf_counter(), self.step - self.step % self.log_every
         name = type(agent).__name__
-        bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True, disable=not self.progress,
-                   desc=f"{name} {self.env_id}" + (f" x{N} seeds" if N > 1 else ""))
-        for step in range(1, self.total_steps + 1):  # `step` = env steps taken so far, after this one
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.progress, desc=f"{name} {self.env_id}" + (f" x{N} seeds" if N > 1 else ""))
+        for step in range(self.step + 1, self.total_steps + 1):  # `step` = env steps taken, after this one
             policy_out = None
             if agent.on_policy:
                 with timer.phase("sampling"):
@@ -271,6 +297,7 @@ class Trainer:
                         next_obs[k], _ = env.reset()
                     ep_return[k], ep_len[k] = 0.0, 0
             obs, next_obs = next_obs, obs
+            self.obs, self.step = obs, step
 
             if agent.on_policy:
                 if self.rollout.full:
@@ -301,6 +328,7 @@ class Trainer:
                 now = time.perf_counter()
                 n = step - steps_at_log
                 per_seed = acc.pop(N)
+                check_finite(per_seed, step, self.seeds)
                 common = {"perf/steps_per_s": n / max(now - t_log, 1e-9)}
                 for phase, secs in timer.pop().items():
                     common[f"time/{phase}_ms_per_step"] = 1e3 * secs / n
@@ -308,6 +336,13 @@ class Trainer:
                     logs[k]({**per_seed[k], **common}, step)
                 t_log, steps_at_log = now, step
             bar.update(1)
+
+            stop = self.stop_signal
+            if checkpointer is not None and (stop or (self.checkpoint_every and step % self.checkpoint_every == 0)):
+                checkpointer.save(self)
+            if stop:
+                bar.close()
+                raise Interrupted(stop, step, checkpointer.path if checkpointer else None)
         bar.close()
         for k in range(N):
             if out_dirs[k] is not None:
@@ -318,6 +353,51 @@ class Trainer:
                 plot_learning_curve(results[k], out_dirs[k] / "learning_curve.png",
                                     title=f"{name} on {self.env_id} (seed {self.seeds[k]})")
         return results
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The whole training state: agent, buffers, env states and RNGs, counters, results."""
+        check_finite_parameters(self.agent.state_dict(), self.step)
+        return {
+            "step": self.step, "env_id": self.env_id, "seeds": self.seeds, "agent_class": type(self.agent).__name__,
+            "agent": self.agent.state_dict(),
+            "buffers": None if self.agent.on_policy else [b.state_dict() for b in self.buffers.buffers],
+            "rollout": self.rollout.state_dict() if self.agent.on_policy else None,
+            "envs": [get_env_state(e) for e in self.envs],
+            "eval_env_rngs": [[e.unwrapped.np_random.bit_generator.state for e in envs] for envs in self.eval_envs],
+            "obs": None if self.obs is None else self.obs.copy(),
+            "ep_return": list(self.ep_return), "ep_len": list(self.ep_len),
+            "results": self.results, "acc": (dict(self.acc.sums), self.acc.count),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = (self.env_id, self.seeds, type(self.agent).__name__)
+        theirs = (state["env_id"], state["seeds"], state["agent_class"])
+        if mine != theirs:
+            raise ValueError(f"checkpoint is for (env, seeds, agent) = {theirs}, this run is {mine}")
+        self.agent.load_state_dict(state["agent"])
+        if self.agent.on_policy:
+            self.rollout.load_state_dict(state["rollout"])
+        else:
+            for buf, b in zip(self.buffers.buffers, state["buffers"]):
+                buf.load_state_dict(b)
+        for env, e in zip(self.envs, state["envs"]):
+            set_env_state(env, e)
+        for envs, rngs in zip(self.eval_envs, state["eval_env_rngs"]):
+            for env, r in zip(envs, rngs):
+                env.unwrapped.np_random.bit_generator.state = r
+        self.step, self.obs = state["step"], state["obs"]
+        self.ep_return, self.ep_len = list(state["ep_return"]), list(state["ep_len"])
+        self.results = state["results"]
+        self.acc.sums, self.acc.count = state["acc"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _store_rollout_step(self, policy_out: dict, rewards: np.ndarray, next_obs: np.ndarray,
                             terminal: np.ndarray, done: np.ndarray) -> None:
@@ -333,6 +413,52 @@ class Trainer:
     def close(self) -> None:
         for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:
             env.close()
+
+
+class Interrupted(Exception):
+    """A signal asked the run to stop; the state was checkpointed first (when a path is given)."""
+
+    def __init__(self, signum: int, step: int, path: Path | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        super().__init__(f"{name} at env step {step}" + (f"; checkpoint {path}" if path else ""))
+
+
+class DivergenceError(RuntimeError):
+    """A loss, Q value or parameter became NaN or infinite."""
+
+
+def check_finite(per_seed: list[dict[str, float]], step: int, seeds: list[int]) -> None:
+    for k, metrics in enumerate(per_seed):
+        for key, value in metrics.items():
+            if not math.isfinite(value):
+                raise DivergenceError(f"diverged: {key} = {value} (seed {seeds[k]}) in the updates up to "
+                                      f"env step {step}")
+
+
+def check_finite_parameters(state: dict, step: int, where: str = "agent") -> None:
+    """Refuse to checkpoint non-finite parameters (the last good checkpoint stays)."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            check_finite_parameters(value, step, f"{where}.{key}")
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise DivergenceError(f"diverged: non-finite values in {where}.{key} at env step {step}")
+
+
+@dataclass
+class Checkpointer:
+    """Where and how `Trainer.run` writes its resumable checkpoints.
+
+    extra() returns what the caller adds to each checkpoint (e.g. MLflow run ids and the metrics
+    not yet sent); committed(step) is called once the file is durable (e.g. to send them).
+    """
+    path: Path
+    extra: Callable[[], dict] = dict
+    committed: Callable[[int], None] = lambda step: None
+
+    def save(self, trainer: "Trainer") -> None:
+        atomic_save({"trainer": trainer.state_dict(), "extra": self.extra()}, self.path)
+        self.committed(trainer.step)
 
 
 def save_checkpoint(path: Path, agent: Agent, step: int, eval_return: float | None,
