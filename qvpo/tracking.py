@@ -77,16 +77,22 @@ class MlflowTracker:
       experiment: MLflow experiment name (--experiment).
       tracking_uri: None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db (--tracking-uri).
       flush_every_s: seconds between metric flushes (metrics are sent with log_batch).
+      retries, retry_wait_s: a failed send is retried `retries` times, waiting retry_wait_s,
+        2 retry_wait_s, ... in between; after that the metrics stay buffered (in memory and in
+        every checkpoint written meanwhile) and go with the next flush: a tracking outage does
+        not stop training.
     """
 
     def __init__(self, experiment: str = "qvpo", tracking_uri: str | None = None,
-                 flush_every_s: float = 10.0):
+                 flush_every_s: float = 10.0, retries: int = 3, retry_wait_s: float = 1.0):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(tracking_uri)
         self.experiment = experiment
         self.flush_every_s = flush_every_s
+        self.retries, self.retry_wait_s = retries, retry_wait_s
+        self.outage = False
         try:
             mlflow.set_tracking_uri(self.uri)
             self.client = MlflowClient(self.uri)
@@ -102,6 +108,15 @@ class MlflowTracker:
 
     def check(self) -> str:
         """Fail fast (ConfigError) if the store cannot be reached; returns the experiment id."""
+        if self.uri.startswith(("http://", "https://")):  # MLflow's client would retry for minutes
+            import urllib.error
+            import urllib.request
+
+            try:
+                urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=5).close()
+            except (urllib.error.URLError, OSError) as e:
+                raise ConfigError(f"cannot reach the MLflow tracking server {self.uri!r}: "
+                                  f"{getattr(e, 'reason', e)}") from None
         try:
             exp = self.client.get_experiment_by_name(self.experiment)
             return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
@@ -153,11 +168,32 @@ class MlflowTracker:
         self._pending = [Metric(*row) for row in pending]
         self.flush()
 
-    def flush(self) -> None:
-        for i in range(0, len(self._pending), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._pending[i:i + MAX_BATCH])
-        self._pending = []
+    def flush(self) -> bool:
+        """Send the buffered metrics; on a store failure retry, then keep them buffered (False)."""
         self._last_flush = time.monotonic()
+        if not self._pending:
+            return True
+        for attempt in range(self.retries + 1):
+            try:
+                # a resend after a partial failure repeats rows exactly: MLflow ignores the repeats
+                for i in range(0, len(self._pending), MAX_BATCH):
+                    self.client.log_batch(self.run_id, metrics=self._pending[i:i + MAX_BATCH])
+            except Exception as e:  # noqa: BLE001 - any store failure: retry, then buffer
+                error = e
+                if attempt < self.retries:
+                    time.sleep(self.retry_wait_s * 2 ** attempt)
+                continue
+            if self.outage:
+                print(f"qvpo: MLflow store reachable again; buffered metrics of run {self.run_id} sent",
+                      file=sys.stderr)
+            self._pending, self.outage = [], False
+            return True
+        if not self.outage:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"qvpo: warning: MLflow store {self.uri!r} failed ({first[:200]}); training goes on, "
+                  f"{len(self._pending)} metric values stay buffered for run {self.run_id}", file=sys.stderr)
+        self.outage = True
+        return False
 
     def log_artifacts(self, local_dir: Path) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir))
@@ -168,8 +204,9 @@ class MlflowTracker:
         if self.run_id is None:
             return
         try:
-            if flush:
-                self.flush()
+            if flush and not self.flush():
+                print(f"qvpo: warning: {len(self._pending)} metric values of run {self.run_id} could not be "
+                      "sent", file=sys.stderr)
             if reason:
                 self.client.set_tag(self.run_id, "end_reason", reason[:5000])
             self.client.set_terminated(self.run_id, status=status)
