@@ -26,13 +26,14 @@ SETTINGS = {
              "Denoiser.time_hidden = 16", "TwinQ.hidden = (16, 16)", "Trainer.warmup_steps = 100"],
     "PPO": ["PPO.rollout_steps = 128", "PPO.minibatch_size = 32", "PPO.epochs = 2", "Trainer.warmup_steps = 0"],
 }
+SETTINGS["SAC x2 seeds"] = SETTINGS["SAC"] + ["Trainer.seeds_per_process = 2"]
 
 
 def _config(algo, steps=600, every=200):
     gin.clear_config()
     import qvpo.config  # noqa: F401
 
-    gin.parse_config(["Trainer.env_id = 'Pendulum-v1'", f"Trainer.agent = @{algo}", f"Trainer.total_steps = {steps}",
+    gin.parse_config(["Trainer.env_id = 'Pendulum-v1'", f"Trainer.agent = @{algo.split()[0]}", f"Trainer.total_steps = {steps}",
                       "Trainer.eval_every = 200", "Trainer.eval_episodes = 2", "Trainer.log_every = 100",
                       "Trainer.progress = False", f"Trainer.checkpoint_every = {every}",
                       "Trainer.deterministic = True", "ReplayBuffer.capacity = 2000", *SETTINGS[algo]])
@@ -44,8 +45,12 @@ class Store:
     def __init__(self):
         self.pending, self.rows = [], []
 
-    def log(self, metrics, step):
-        self.pending += [(k, step, v) for k, v in metrics.items() if not k.startswith(TIMING)]
+    def log(self, metrics, step, seed=0):
+        self.pending += [(seed, k, step, v) for k, v in metrics.items() if not k.startswith(TIMING)]
+
+    def logs(self, trainer):
+        """One log function per seed of the trainer."""
+        return [lambda m, step, k=k: self.log(m, step, k) for k in range(len(trainer.seeds))]
 
     def commit(self, step):
         self.rows += self.pending
@@ -61,7 +66,7 @@ def _params(agent):
             for p in getattr(agent, name).parameters()]
 
 
-@pytest.mark.parametrize("algo", ["SAC", "QVPO", "PPO"])
+@pytest.mark.parametrize("algo", ["SAC", "QVPO", "PPO", "SAC x2 seeds"])
 def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(tmp_path, algo):
     """A run that dies right after its checkpoint at step 400 of 600 (Pendulum episodes of 200
     steps: the checkpoint falls between episodes, 300 falls inside one for PPO's rollouts) and is
@@ -69,7 +74,7 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(tmp_path, al
     _config(algo)
     ref_store = Store()
     ref = Trainer()
-    ref.run(ref_store.log, checkpointer=Checkpointer(tmp_path / "ref.pt", committed=ref_store.commit))
+    ref.run(ref_store.logs(ref), checkpointer=Checkpointer(tmp_path / "ref.pt", committed=ref_store.commit))
     ref_store.commit(600)
     ref_params = _params(ref.agent)
 
@@ -83,17 +88,17 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(tmp_path, al
 
     first = Trainer()
     with pytest.raises(Crash):
-        first.run(store.log, checkpointer=Checkpointer(tmp_path / "state.pt", committed=commit_then_die))
+        first.run(store.logs(first), checkpointer=Checkpointer(tmp_path / "state.pt", committed=commit_then_die))
     store.pending = []  # what the dead process had not committed is lost with it
     _config(algo)
     resumed = Trainer()
     resumed.load_state_dict(checkpoint.load(tmp_path / "state.pt")["trainer"])
     assert resumed.step == 400
-    resumed.run(store.log, checkpointer=Checkpointer(tmp_path / "state.pt", committed=store.commit))
+    resumed.run(store.logs(resumed), checkpointer=Checkpointer(tmp_path / "state.pt", committed=store.commit))
     store.commit(600)
 
     assert store.rows == ref_store.rows  # same keys, steps and values, in the same order: no gap, no repeat
-    assert len({(k, s) for k, s, _ in store.rows}) == len(store.rows)
+    assert len({(seed, k, s) for seed, k, s, _ in store.rows}) == len(store.rows)
     for a, b in zip(_params(resumed.agent), ref_params):
         assert torch.equal(a, b)
 
