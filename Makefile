@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench ui clean
+.PHONY: install demo test test-slow bench ui clean reproduce-table1
 
 install: $(STAMP)
 
@@ -43,6 +43,20 @@ bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-only \
 		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
 	$(BIN)/python benchmarks/table.py benchmarks/results/latest.json | tee benchmarks/results/latest.md
+
+# The paper's Table 1: the sweep (skips finished runs, resumes interrupted ones), then the report.
+# Overrides: STEPS=, SEEDS=, ENVS="Hopper-v5 Ant-v5", ALGOS="qvpo sac", BACKEND=local, WORKERS=2.
+STEPS ?=
+SEEDS ?=
+ENVS ?=
+ALGOS ?=
+BACKEND ?= local
+WORKERS ?= 1
+reproduce-table1: install
+	$(BIN)/qvpo sweep reproduce/table1/sweep.gin --backend $(BACKEND) --workers $(WORKERS) \
+		$(if $(STEPS),--steps $(STEPS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(ENVS),--envs $(ENVS)) $(if $(ALGOS),--algos $(ALGOS))
+	$(BIN)/qvpo report table1 --paper reproduce/table1/paper.csv
 
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install

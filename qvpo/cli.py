@@ -33,8 +33,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_ID|PATH",
                    help="continue an interrupted run from its last checkpoint (an MLflow run id, looked up "
                         "in --tracking-uri, or a checkpoint file); its own config is used")
+    t.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra MLflow run tag (repeatable; the sweep tags its runs this way)")
     t.add_argument("--checkpoint-dir", default="checkpoints",
                    help="where resumable checkpoints and run files live (default: ./checkpoints)")
+
+    w = sub.add_parser("sweep", help="run a sweep spec: (algorithm, task, seed) runs, skipping finished ones",
+                       description="Expand a sweep spec (gin, e.g. reproduce/table1/sweep.gin) into one "
+                                   "`qvpo train` run per (algorithm, task, seed); finished runs (same config "
+                                   "hash) are skipped, interrupted ones resumed from their checkpoints.")
+    w.add_argument("spec", help="sweep spec gin file")
+    w.add_argument("--steps", type=int, help="env steps per run (overrides Sweep.steps)")
+    w.add_argument("--seeds", type=int, help="seeds per (algorithm, task) (overrides Sweep.seeds)")
+    w.add_argument("--envs", nargs="+", help="tasks (overrides Sweep.envs)")
+    w.add_argument("--algos", nargs="+", help="algorithms (overrides Sweep.algos)")
+    w.add_argument("--bind", action="append", default=[], metavar="'Name.param = value'",
+                   help="binding added to every run (repeatable)")
+    w.add_argument("--backend", choices=["local", "ray"], default="local")
+    w.add_argument("--workers", type=int, default=1, help="runs at once (local backend)")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and a compute estimate; start nothing")
+    w.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    w.add_argument("--checkpoint-dir", default="checkpoints")
+
+    r = sub.add_parser("report", help="build a table with statistics from an experiment's runs")
+    r.add_argument("experiment")
+    r.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    r.add_argument("--paper", help="the paper's numbers (csv: env,algo,mean,std), e.g. reproduce/table1/paper.csv")
+    r.add_argument("--out", default="reports", help="reports go to OUT/<experiment>/")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print links to the runs")
     u.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -52,6 +77,12 @@ def train(args: argparse.Namespace) -> int:
 
     # 1. config: files, then bindings, then shorthands (all before anything is built); a resumed
     #    run uses the operative config its checkpoint holds
+    extra_tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--tag {item!r}: expected KEY=VALUE")
+        extra_tags[key.strip()] = value
     resumed = _load_resume(args) if args.resume else None
     if resumed is not None:
         if args.gin or args.bind or any(v is not None for v in (args.algo, args.env, args.steps, args.seed,
@@ -101,7 +132,7 @@ def train(args: argparse.Namespace) -> int:
                     run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
                     params={**params, "Trainer.seed": str(seed)}, config_str=config_str,
                     tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
-                          "seed": str(seed), "seeds_per_process": str(N)})
+                          "seed": str(seed), "seeds_per_process": str(N), **extra_tags})
                 started.append(tracker)
             run_dir = Path(args.checkpoint_dir).resolve() / trackers[0].run_id
         else:
@@ -247,10 +278,56 @@ def ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from qvpo import sweep as sw
+    from qvpo.errors import require_int
+    from qvpo.tracking import MlflowTracker, resolve_tracking_uri
+
+    require_int(args.workers, "--workers", 1)
+    spec = sw.load_spec(args.spec, [])
+    runs = sw.expand(spec, args.steps, args.seeds, args.envs, args.algos, args.bind)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    items = sw.plan(runs, sw.existing_runs(uri, spec.experiment))
+    counts = {a: sum(1 for _, x, _ in items if x == a) for a in ("new", "resume", "skip")}
+    todo = [r for r, a, _ in items if a != "skip"]
+    print(f"sweep {spec.name!r}: {len(items)} runs in experiment {spec.experiment!r} at {uri}: "
+          f"{counts['new']} to start, {counts['resume']} to resume, {counts['skip']} finished")
+    for label, table in (("this machine (CPU)", spec.steps_per_s), ("one GPU", spec.gpu_steps_per_s)):
+        hours = sw.estimate_hours(spec, todo, args.workers, table)
+        if hours is not None:
+            when = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+            print(f"  estimate on {label}, {args.workers} at a time: {when} "
+                  f"(env steps/s per algorithm, from the spec: {table})")
+    if args.dry_run:
+        for r, action, rid in items:
+            print(f"  {action:6s} {r.label:40s} {r.steps:>9d} steps  hash {r.config_hash()}"
+                  + (f"  run {rid}" if rid else ""))
+        return 0
+    if args.backend == "ray":
+        raise ConfigError("--backend ray is not implemented yet; use --backend local")
+    MlflowTracker(spec.experiment, uri).check()  # create the store and experiment once, before the workers
+    results = sw.run_local(spec, items, uri, args.checkpoint_dir, args.workers)
+    failed = [r.label for r, rc in results if rc != 0]
+    print(f"sweep {spec.name!r}: {len(results) - len(failed)} runs ended well, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from qvpo.report import build_report
+    from qvpo.tracking import resolve_tracking_uri
+
+    out = build_report(args.experiment, resolve_tracking_uri(args.tracking_uri),
+                       Path(args.paper) if args.paper else None, Path(args.out))
+    print((out / "table.md").read_text())
+    print(f"report written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": train, "ui": ui}[args.command](args)
+        return {"train": train, "sweep": sweep, "report": report, "ui": ui}[args.command](args)
     except ConfigError as e:
         print(f"qvpo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ def find_gin_file(name: str) -> Path:
     """A path as given, else relative to the repository's gin/ directory."""
     for candidate in (Path(name), GIN_DIR / name):
         if candidate.is_file():
-            return candidate
+            return candidate.resolve()  # absolute: gin's own include prefixes are not searched
     raise ConfigError(f"gin file {name!r} not found (looked in the working directory and {GIN_DIR})")
 
 

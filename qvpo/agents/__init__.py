@@ -5,6 +5,7 @@ from qvpo.agents.dipo import DIPO
 from qvpo.agents.ppo import PPO
 from qvpo.agents.qsm import QSM
 from qvpo.agents.qvpo import QVPO
+from qvpo.agents.random_policy import Random
 from qvpo.agents.sac import SAC
 from qvpo.agents.spo import SPO
 from qvpo.agents.td3 import TD3
@@ -17,6 +18,7 @@ ALGORITHMS: dict[str, str] = {
     "dipo": "DIPO",
     "ppo": "PPO",
     "spo": "SPO",
+    "random": "Random",  # uniform actions: the 0 of normalised scores
 }
 
-__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "DIPO", "QSM", "ALGORITHMS"]
+__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "DIPO", "QSM", "Random", "ALGORITHMS"]

@@ -1,0 +1,45 @@
+"""A uniformly random policy: the 0 of the report's normalised scores.
+
+It learns nothing; the sweep runs it for a single evaluation per task and seed, so the random
+policy's return is measured under exactly the protocol of the other runs (same envs, same
+evaluation episodes, same truncation handling).
+"""
+
+from __future__ import annotations
+
+import gin
+import torch
+
+from qvpo.agents.base import Agent
+from qvpo.rng import EVAL_STREAM, SeedRNG
+from qvpo.timing import PhaseTimer
+
+
+@gin.configurable
+class Random(Agent):
+    """Actions uniform in [-1, 1]^A (the env's bounds after rescaling); `update` does nothing."""
+
+    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
+                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
+                 seeds: tuple[int, ...] = (0,), batch_size: int = 1):
+        self._setup("Random", device, timer, seeds, batch_size, gamma=0.99)
+        self.action_dim = action_dim
+        self.rng = SeedRNG(self.seeds, self.device)
+        self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
+
+    def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
+        rng = self.rng if explore else self.eval_rng
+        return rng.rand(obs.shape[1], self.action_dim) * 2.0 - 1.0
+
+    def begin_evaluation(self, tag: int) -> None:
+        self.eval_rng = SeedRNG([s + 7919 * tag for s in self.seeds], self.device, EVAL_STREAM)
+
+    def update(self, buffers, step: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"seeds": self.seeds, "rng": self.rng.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seeds = list(state["seeds"])
+        self.rng.load_state_dict(state["rng"])

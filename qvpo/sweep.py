@@ -1,0 +1,220 @@
+"""Sweeps: a gin spec expanded into (algorithm, task, seed) runs, each one `qvpo train` process.
+
+A run is identified by a hash of its configuration (the gin files' contents and the bindings,
+tracking settings and worker counts left out), stored as the MLflow tag `config_hash`. Re-running
+a sweep looks each hash up in the experiment: FINISHED runs are skipped, interrupted ones
+(RUNNING, KILLED or FAILED with a checkpoint on disk) are resumed with `qvpo train --resume`,
+others start afresh.
+
+Backends: `local` runs `workers` processes at once on this machine, all writing to one MLflow
+store (sqlite copes with a handful of writers: tests/test_tracking_faults.py runs four).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gin
+
+from qvpo.config import find_gin_file
+from qvpo.errors import ConfigError, require, require_int
+from qvpo.envs import check_env_id
+
+# bindings that do not change what a run computes: left out of the config hash
+NOT_HASHED = ("MlflowTracker.", "Trainer.progress", "Trainer.num_threads", "Trainer.sync_timing")
+
+
+@gin.configurable
+@dataclass
+class Sweep:
+    """A sweep spec (gin: `Sweep.*`; see reproduce/table1/sweep.gin).
+
+    Args:
+      name: the sweep's name (MLflow tag `sweep`).
+      experiment: MLflow experiment of its runs (one per table).
+      algos: --algo names; each run uses gin/algos/<algo>.gin plus `gin_files[algo]`.
+      envs: Gymnasium task ids.
+      seeds: seeds 0 .. seeds - 1 per (algorithm, task).
+      steps: env steps per run (Trainer.total_steps).
+      gin_files: extra gin files per algorithm (after its algos/ file).
+      bindings: extra bindings for every run (after the files).
+      random_baseline: also run the uniformly random policy per task and seed (one evaluation),
+        the 0 of the report's normalised scores.
+      steps_per_s: measured env steps per second per algorithm (for --dry-run's estimate);
+        `gpu_steps_per_s` the same for one GPU where measured or estimated.
+    """
+    name: str = "sweep"
+    experiment: str = "sweep"
+    algos: tuple = ("qvpo",)
+    envs: tuple = ("Hopper-v5",)
+    seeds: int = 5
+    steps: int = 1_000_000
+    gin_files: dict = field(default_factory=dict)
+    bindings: tuple = ()
+    random_baseline: bool = True
+    steps_per_s: dict = field(default_factory=dict)
+    gpu_steps_per_s: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunSpec:
+    algo: str
+    env: str
+    seed: int
+    steps: int
+    gin_files: list[str]
+    bindings: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.algo} {self.env} seed {self.seed}"
+
+    def config_hash(self) -> str:
+        """sha256 of the gin files' contents, in order, and the bindings (tracking left out)."""
+        h = hashlib.sha256()
+        for f in self.gin_files:
+            h.update(find_gin_file(f).read_bytes())
+        for b in self.bindings:
+            if not b.replace(" ", "").startswith(NOT_HASHED):
+                h.update(b.encode())
+        return h.hexdigest()[:16]
+
+    def train_args(self, sweep: Sweep, tracking_uri: str, checkpoint_dir: str) -> list[str]:
+        args = ["train", "--experiment", sweep.experiment, "--tracking-uri", tracking_uri, "--quiet",
+                "--checkpoint-dir", checkpoint_dir, "--tag", f"sweep={sweep.name}",
+                "--tag", f"config_hash={self.config_hash()}"]
+        for f in self.gin_files:
+            args += ["--gin", f]
+        for b in self.bindings:
+            args += ["--bind", b]
+        return args
+
+
+def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, envs=None, algos=None,
+           bindings=()) -> list[RunSpec]:
+    """The runs of a sweep, with the command line's overrides; checks every name first."""
+    from qvpo.agents import ALGORITHMS
+
+    algos = list(algos or sweep.algos)
+    envs = list(envs or sweep.envs)
+    steps = sweep.steps if steps is None else steps
+    seeds = sweep.seeds if seeds is None else seeds
+    require_int(steps, "sweep steps (--steps)", 1)
+    require_int(seeds, "sweep seeds (--seeds)", 1)
+    for a in algos:
+        require(a in ALGORITHMS and a != "random",
+                f"unknown algorithm {a!r} in the sweep; expected some of {', '.join(sorted(set(ALGORITHMS) - {'random'}))}")
+    for e in envs:
+        check_env_id(e)
+    runs = []
+    for algo in algos + (["random"] if sweep.random_baseline else []):
+        files = [f"algos/{algo}.gin", *sweep.gin_files.get(algo, [])]
+        for f in files:
+            find_gin_file(f)  # a missing file is an error now, not in the middle of the sweep
+        for env in envs:
+            for seed in range(seeds):
+                run_steps = steps if algo != "random" else min(steps, 1000)
+                binds = [f"Trainer.env_id = {env!r}", f"Trainer.total_steps = {run_steps}", f"Trainer.seed = {seed}",
+                         *sweep.bindings, *bindings]
+                if algo == "random":
+                    binds.append(f"Trainer.eval_every = {run_steps}")
+                runs.append(RunSpec(algo, env, seed, run_steps, files, binds))
+    return runs
+
+
+def existing_runs(tracking_uri: str, experiment: str) -> dict[str, object]:
+    """config_hash -> the newest MLflow run of the experiment with that hash."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return {}
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    out: dict[str, object] = {}
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], "tags.config_hash != ''", max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        for run in page:
+            out[run.data.tags["config_hash"]] = run
+        token = page.token
+        if not token:
+            return out
+
+
+def plan(runs: list[RunSpec], known: dict) -> list[tuple[RunSpec, str, str | None]]:
+    """(run, action, run id): action is 'skip' (finished), 'resume' (checkpoint on disk) or 'new'."""
+    out = []
+    for r in runs:
+        prev = known.get(r.config_hash())
+        if prev is None:
+            out.append((r, "new", None))
+        elif prev.info.status == "FINISHED":
+            out.append((r, "skip", prev.info.run_id))
+        elif Path(prev.data.tags.get("qvpo.checkpoint", "/nonexistent")).is_file():
+            out.append((r, "resume", prev.info.run_id))
+        else:
+            out.append((r, "new", prev.info.run_id))  # interrupted before its first checkpoint
+    return out
+
+
+def estimate_hours(sweep: Sweep, todo: list[RunSpec], workers: int, table: dict) -> float | None:
+    """Hours for the runs left, from measured steps/s per algorithm, `workers` at a time."""
+    if any(r.algo not in table for r in todo if r.algo != "random"):
+        return None
+    secs = sum(r.steps / table[r.algo] for r in todo if r.algo != "random")
+    return secs / 3600 / max(1, workers)
+
+
+def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, workers: int,
+              log=print) -> list[tuple[RunSpec, int]]:
+    """Run the planned items, `workers` processes at a time; returns (run, exit status)."""
+    todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
+    total, done, t0 = len(todo), 0, time.time()
+    running: list[tuple[RunSpec, subprocess.Popen]] = []
+    results = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < workers:
+            r, action, rid = queue.pop(0)
+            if action == "resume":
+                args = ["train", "--resume", rid, "--tracking-uri", tracking_uri, "--quiet",
+                        "--checkpoint-dir", checkpoint_dir]
+                log(f"resume {r.label} (run {rid})")
+            else:
+                args = r.train_args(sweep, tracking_uri, checkpoint_dir)
+                log(f"start  {r.label}" + (f" (run {rid} had no checkpoint: restarting)" if rid else ""))
+            proc = subprocess.Popen([sys.executable, "-m", "qvpo", *args], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            running.append((r, proc))
+        time.sleep(0.2)
+        for r, proc in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((r, proc))
+            done += 1
+            err = proc.stderr.read() if proc.stderr else ""
+            results.append((r, proc.returncode))
+            elapsed = time.time() - t0
+            eta = elapsed / done * (total - done)
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}): {err.strip()[-300:]}"
+            log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+    return results
+
+
+def load_spec(path: str, bindings: list[str]) -> Sweep:
+    """Parse a sweep spec (gin file) and build its Sweep."""
+    from qvpo import config
+
+    config.parse([path], bindings)
+    try:
+        return Sweep()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sweep spec {path}: {config.one_line(e)}") from None
