@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binding added to every run (repeatable)")
     w.add_argument("--backend", choices=["local", "ray"], default="local")
     w.add_argument("--workers", type=int, default=1, help="runs at once (local backend)")
+    w.add_argument("--ray-address", default=None,
+                   help="Ray cluster (ray backend): default $RAY_ADDRESS or a running local cluster; "
+                        "'local' starts a private one")
+    w.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray CPU request per run")
+    w.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray GPU request per run (e.g. 0.2: 5 runs per GPU)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and a compute estimate; start nothing")
     w.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     w.add_argument("--checkpoint-dir", default="checkpoints")
@@ -303,10 +308,12 @@ def sweep(args: argparse.Namespace) -> int:
             print(f"  {action:6s} {r.label:40s} {r.steps:>9d} steps  hash {r.config_hash()}"
                   + (f"  run {rid}" if rid else ""))
         return 0
-    if args.backend == "ray":
-        raise ConfigError("--backend ray is not implemented yet; use --backend local")
     MlflowTracker(spec.experiment, uri).check()  # create the store and experiment once, before the workers
-    results = sw.run_local(spec, items, uri, args.checkpoint_dir, args.workers)
+    if args.backend == "ray":
+        results = sw.run_ray(spec, items, uri, str(Path(args.checkpoint_dir).resolve()), args.ray_address,
+                             args.cpus_per_run, args.gpus_per_run)
+    else:
+        results = sw.run_local(spec, items, uri, args.checkpoint_dir, args.workers)
     failed = [r.label for r, rc in results if rc != 0]
     print(f"sweep {spec.name!r}: {len(results) - len(failed)} runs ended well, {len(failed)} failed"
           + (f": {', '.join(failed)}" if failed else ""))

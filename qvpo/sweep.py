@@ -7,7 +7,8 @@ a sweep looks each hash up in the experiment: FINISHED runs are skipped, interru
 others start afresh.
 
 Backends: `local` runs `workers` processes at once on this machine, all writing to one MLflow
-store (sqlite copes with a handful of writers: tests/test_tracking_faults.py runs four).
+store (sqlite copes with a handful of writers: tests/test_tracking_faults.py runs four); `ray`
+makes each run a Ray task on a cluster, all logging to one MLflow tracking server.
 """
 
 from __future__ import annotations
@@ -184,12 +185,10 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
     while queue or running:
         while queue and len(running) < workers:
             r, action, rid = queue.pop(0)
+            args = _command(sweep, r, action, rid, tracking_uri, checkpoint_dir)
             if action == "resume":
-                args = ["train", "--resume", rid, "--tracking-uri", tracking_uri, "--quiet",
-                        "--checkpoint-dir", checkpoint_dir]
                 log(f"resume {r.label} (run {rid})")
             else:
-                args = r.train_args(sweep, tracking_uri, checkpoint_dir)
                 log(f"start  {r.label}" + (f" (run {rid} had no checkpoint: restarting)" if rid else ""))
             proc = subprocess.Popen([sys.executable, "-m", "qvpo", *args], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
@@ -206,6 +205,62 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
             eta = elapsed / done * (total - done)
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}): {err.strip()[-300:]}"
             log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+    return results
+
+
+def _command(sweep: Sweep, r: RunSpec, action: str, rid: str | None, tracking_uri: str,
+             checkpoint_dir: str) -> list[str]:
+    if action == "resume":
+        return ["train", "--resume", rid, "--tracking-uri", tracking_uri, "--quiet", "--checkpoint-dir", checkpoint_dir]
+    return r.train_args(sweep, tracking_uri, checkpoint_dir)
+
+
+def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address: str | None,
+            cpus_per_run: float, gpus_per_run: float, log=print) -> list[tuple[RunSpec, int]]:
+    """Each run is a Ray task (`cpus_per_run` CPUs, `gpus_per_run` GPUs) that runs `qvpo train` on
+    whichever node Ray picks. Every node needs qvpo installed at the same path, the tracking URI
+    must be reachable from all of them (an `mlflow server`), and --checkpoint-dir should be
+    shared storage if interrupted runs are to be resumed on another node."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install 'qvpo[cluster]'") from None
+    if tracking_uri.startswith("sqlite:") and address not in (None, "local"):
+        log("warning: a sqlite tracking store is only reachable from this node; give the cluster an "
+            "`mlflow server` URI with --tracking-uri")
+    try:
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    except Exception as e:  # noqa: BLE001 - no cluster at that address, ...
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {str(e).strip().splitlines()[0]}") from None
+
+    @ray.remote
+    def train_task(args: list[str]) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "-m", "qvpo", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        return proc.returncode, proc.stderr[-300:]
+
+    todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
+    pending = {}
+    for r, action, rid in todo:
+        log(f"{'resume' if action == 'resume' else 'submit'} {r.label}")
+        ref = train_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run).remote(
+            _command(sweep, r, action, rid, tracking_uri, checkpoint_dir))
+        pending[ref] = r
+    results, t0 = [], time.time()
+    try:
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            r = pending.pop(ref)
+            rc, err = ray.get(ref)
+            results.append((r, rc))
+            done, total = len(results), len(todo)
+            elapsed = time.time() - t0
+            status = "done" if rc == 0 else f"FAILED (exit {rc}): {err.strip()}"
+            log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, "
+                f"ETA {elapsed / done * (total - done) / 60:.1f} min")
+    finally:
+        ray.shutdown()
     return results
 
 
