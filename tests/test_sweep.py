@@ -1,9 +1,12 @@
 """The sweep: expansion, config hashes, skip / resume / restart planning, and a smoke profile
 (two algorithms, one task, two seeds, two workers) through `qvpo sweep` into one MLflow store."""
 
+import csv
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import scipy.stats
 
 from qvpo import sweep as sw
 from qvpo.cli import main
@@ -12,14 +15,16 @@ from qvpo.errors import ConfigError
 SPEC = """
 Sweep.name = 'smoke'
 Sweep.experiment = 'smoke'
-Sweep.algos = ('sac', 'td3')
+Sweep.algos = ('qvpo', 'sac')
 Sweep.envs = ('Pendulum-v1',)
 Sweep.seeds = 2
 Sweep.steps = 400
-Sweep.bindings = ('SAC.batch_size = 16', 'SAC.hidden = (16, 16)', 'TD3.batch_size = 16', 'TD3.hidden = (16, 16)',
+Sweep.bindings = ('SAC.batch_size = 16', 'SAC.hidden = (16, 16)', 'QVPO.batch_size = 16', 'QVPO.train_candidates = 4',
+                  'QVPO.eval_candidates = 4', 'DiffusionPolicy.T = 3', 'Denoiser.hidden = (16, 16)',
+                  'TwinQ.hidden = (16, 16)',
                   'Trainer.warmup_steps = 100', 'Trainer.eval_every = 200', 'Trainer.eval_episodes = 2',
                   'Trainer.log_every = 100', 'Trainer.checkpoint_every = 200', 'ReplayBuffer.capacity = 1000')
-Sweep.steps_per_s = {'sac': 100, 'td3': 200}
+Sweep.steps_per_s = {'sac': 100, 'qvpo': 50}
 """
 
 
@@ -32,13 +37,13 @@ def _spec(tmp_path):
 def test_expand_and_config_hash(tmp_path):
     spec = sw.load_spec(_spec(tmp_path), [])
     runs = sw.expand(spec)
-    assert [(r.algo, r.seed) for r in runs] == [("sac", 0), ("sac", 1), ("td3", 0), ("td3", 1),
+    assert [(r.algo, r.seed) for r in runs] == [("qvpo", 0), ("qvpo", 1), ("sac", 0), ("sac", 1),
                                                 ("random", 0), ("random", 1)]
     hashes = {r.config_hash() for r in runs}
     assert len(hashes) == 6  # every run its own identity
     again = sw.expand(spec, bindings=["MlflowTracker.experiment = 'elsewhere'", "Trainer.progress = True"])
     assert [r.config_hash() for r in again] == [r.config_hash() for r in runs]  # tracking is not identity
-    other = sw.expand(spec, bindings=["SAC.tau = 0.01"])
+    other = sw.expand(spec, bindings=["QVPO.tau = 0.01"])
     assert other[0].config_hash() != runs[0].config_hash()
     with pytest.raises(ConfigError, match="unknown algorithm 'sax'"):
         sw.expand(spec, algos=["sax"])
@@ -91,3 +96,29 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "0 to start, 0 to resume, 6 finished" in out
     assert len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id])) == 6
+
+    # the report on these runs, its numbers recomputed here from the runs themselves
+    paper = tmp_path / "paper.csv"
+    paper.write_text("env,algo,mean,std\nPendulum,QVPO,-150.0,10.0\nPendulum,SAC,-160.0,12.0\n")
+    assert main(["report", "smoke", "--tracking-uri", uri, "--paper", str(paper), "--out", str(tmp_path / "reports")]) == 0
+    out_dir = tmp_path / "reports" / "smoke"
+    best = {}
+    for r in runs:
+        history = client.get_metric_history(r.info.run_id, "eval/return_mean")
+        best.setdefault(r.data.tags["algo"], []).append(max(m.value for m in history))
+    cells = {row["algo"]: row for row in csv.DictReader(open(out_dir / "cells.csv"))}
+    assert float(cells["QVPO"]["best_eval_mean"]) == pytest.approx(np.mean(best["QVPO"]), rel=1e-9)
+    [comp] = list(csv.DictReader(open(out_dir / "comparisons.csv")))
+    assert comp["baseline"] == "SAC"
+    welch = scipy.stats.ttest_ind(best["QVPO"], best["SAC"], equal_var=False)
+    assert float(comp["welch_t"]) == pytest.approx(welch.statistic, rel=1e-9)
+    # normalised best-eval scores: 0 = the random runs' mean evaluation return, 1 = the paper's best (-150)
+    rnd = np.mean([np.mean([m.value for m in client.get_metric_history(r.info.run_id, "eval/return_mean")])
+                   for r in runs if r.data.tags["algo"] == "Random"])
+    scores = (np.array(best["SAC"]) - rnd) / (-150.0 - rnd)
+    agg = [row for row in csv.DictReader(open(out_dir / "aggregate.csv"))
+           if row["statistic"] == "iqm" and row["algo"] == "SAC" and row["metric"] == "best_eval"]
+    assert float(agg[0]["value"]) == pytest.approx(scipy.stats.trim_mean(scores, 0.25), rel=1e-9)
+    assert "-150" in (out_dir / "table.md").read_text() and list(out_dir.glob("*.png"))
+    report_runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.`qvpo.report` = '1'")
+    assert len(report_runs) == 1

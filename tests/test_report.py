@@ -1,0 +1,194 @@
+"""qvpo.report on a fake MLflow store: its numbers recomputed by hand from the logged histories."""
+
+import csv
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from qvpo.errors import ConfigError
+from qvpo.report import build_report
+
+EVAL_STEPS = list(range(50_000, 300_001, 50_000))
+PAPER = """# test paper table
+env,algo,mean,std
+Hopper,SAC,3000.0,100.0
+Hopper,QVPO,3728.5,13.8
+Walker2d,SAC,4888.1,80.0
+Walker2d,QVPO,5191.8,60.2
+"""
+# (algo, env, seeds, final level, how long it runs): SAC has one seed on Walker2d (n < 2), one
+# QVPO Walker2d seed stops at 250k (no value at 300k)
+PLAN = [("QVPO", "Hopper-v5", [0, 1, 2], 3600, 300_000), ("SAC", "Hopper-v5", [0, 1, 2], 3000, 300_000),
+        ("QVPO", "Walker2d-v5", [0, 1], 5000, 300_000), ("QVPO", "Walker2d-v5", [2], 5000, 250_000),
+        ("SAC", "Walker2d-v5", [0], 4500, 300_000),
+        ("Random", "Hopper-v5", [0, 1], 20, 300_000), ("Random", "Walker2d-v5", [0, 1], 5, 300_000)]
+
+
+def fake_history(level, seed, algo, end):
+    """Eval curve rising to `level` with a seed offset and a dip; training episodes around it."""
+    rng = np.random.default_rng([zlib.crc32(algo.encode()), level, seed])
+    steps = [s for s in EVAL_STEPS if s <= end]
+    if algo == "Random":
+        evals = list(level + rng.normal(0, 3, len(steps)))
+    else:
+        evals = [level * (s / 300_000) ** 0.5 + 40 * seed + rng.normal(0, 30) for s in steps]
+        evals[-1] -= 400  # a fall at the end: the best evaluation is not the last one
+    train_steps = list(range(10_000, end + 1, 10_000))
+    train = [0.8 * level * min(1.0, s / 200_000) + rng.normal(0, 50) for s in train_steps]
+    return dict(zip(steps, evals)), dict(zip(train_steps, train))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("table1", artifact_location=(tmp / "artifacts").as_uri())
+    truth = {}
+    for algo, env, seeds, level, end in PLAN:
+        for seed in seeds:
+            evals, train = fake_history(level, seed, algo, end)
+            run = client.create_run(exp, run_name=f"{algo}-{env}-{seed}", tags={
+                "algo": algo, "env_id": env, "seed": str(seed), "sweep": "t1", "config_hash": "abc",
+                "git_commit": "0" * 40})
+            ms = [Metric("eval/return_mean", v, 0, s) for s, v in evals.items()]
+            ms += [Metric("eval/return_best", max(v for t, v in evals.items() if t <= s), 0, s) for s in evals]
+            ms += [Metric("train/episode_return", v, 0, s) for s, v in train.items()]
+            client.log_batch(run.info.run_id, metrics=ms)
+            client.set_terminated(run.info.run_id, "FINISHED")
+            truth[(algo, env, seed)] = (run.info.run_id, evals, train)
+    # a failed run must not count
+    failed = client.create_run(exp, tags={"algo": "QVPO", "env_id": "Hopper-v5", "seed": "9"})
+    client.log_batch(failed.info.run_id, metrics=[Metric("eval/return_mean", 1e6, 0, 50_000)])
+    client.set_terminated(failed.info.run_id, "FAILED")
+    paper = tmp / "paper.csv"
+    paper.write_text(PAPER)
+    out = build_report("table1", uri, paper, tmp / "reports")
+    return dict(client=client, uri=uri, exp=exp, truth=truth, failed=failed.info.run_id, out=out, tmp=tmp,
+                paper=paper)
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def best(store, algo, env, seeds):
+    return np.array([max(store["truth"][(algo, env, s)][1].values()) for s in seeds])
+
+
+def test_files_written(store):
+    out = store["out"]
+    assert out == store["tmp"] / "reports" / "table1"
+    for name in ("table.md", "cells.csv", "comparisons.csv", "aggregate.csv", "runs.csv",
+                 "curves_Hopper.png", "curves_Walker2d.png", "aggregate_iqm.png", "performance_profile.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "curves_Hopper.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cell_numbers_match_the_runs(store):
+    cells = {(r["algo"], r["env_id"]): r for r in rows(store["out"] / "cells.csv")}
+    c = cells[("QVPO", "Hopper-v5")]
+    x = best(store, "QVPO", "Hopper-v5", [0, 1, 2])
+    assert int(c["n"]) == 3
+    assert float(c["best_eval_mean"]) == pytest.approx(x.mean())
+    assert float(c["best_eval_std"]) == pytest.approx(x.std(ddof=1))
+    finals = [store["truth"][("QVPO", "Hopper-v5", s)][1][300_000] for s in range(3)]
+    assert float(c["final_eval_mean"]) == pytest.approx(np.mean(finals))
+    at100 = [store["truth"][("QVPO", "Hopper-v5", s)][1][100_000] for s in range(3)]
+    assert float(c["best_eval_mean"]) > float(c["final_eval_mean"])
+    assert float(c["eval_at_100k_mean"]) == pytest.approx(np.mean(at100))
+    ends = [np.mean(list(store["truth"][("QVPO", "Hopper-v5", s)][2].values())[-10:]) for s in range(3)]
+    assert float(c["train_end_mean"]) == pytest.approx(np.mean(ends))
+    assert float(c["paper_mean"]) == 3728.5 and c["paper_metric"] == "best_eval"
+    # the run that stopped at 250k has no value at 300k
+    w = cells[("QVPO", "Walker2d-v5")]
+    assert int(w["n"]) == 3 and int(w["eval_at_300k_n"]) == 2 and int(w["eval_at_200k_n"]) == 3
+    # the failed run (return 1e6) was not read
+    assert float(c["best_eval_mean"]) < 1e5
+
+
+def test_one_seed_cell_says_no_test(store):
+    cells = {(r["algo"], r["env_id"]): r for r in rows(store["out"] / "cells.csv")}
+    one = cells[("SAC", "Walker2d-v5")]
+    assert int(one["n"]) == 1 and one["note"] == "n < 2: no test" and one["best_eval_std"] == ""
+    comps = {(r["baseline"], r["env_id"]): r for r in rows(store["out"] / "comparisons.csv")}
+    assert comps[("SAC", "Walker2d-v5")]["note"] == "n < 2: no test"
+    assert comps[("SAC", "Walker2d-v5")]["welch_p"] == ""
+    assert "n < 2: no test" in (store["out"] / "table.md").read_text()
+
+
+def test_comparison_is_scipys_welch_and_mwu(store):
+    comps = {(r["baseline"], r["env_id"]): r for r in rows(store["out"] / "comparisons.csv")}
+    c = comps[("SAC", "Hopper-v5")]
+    x, y = best(store, "QVPO", "Hopper-v5", [0, 1, 2]), best(store, "SAC", "Hopper-v5", [0, 1, 2])
+    w = sps.ttest_ind(x, y, equal_var=False)
+    u = sps.mannwhitneyu(x, y, alternative="two-sided")
+    assert float(c["welch_t"]) == pytest.approx(w.statistic) and float(c["welch_p"]) == pytest.approx(w.pvalue)
+    assert float(c["mwu_u"]) == u.statistic and float(c["mwu_p"]) == pytest.approx(u.pvalue)
+    assert float(c["diff"]) == pytest.approx(x.mean() - y.mean())
+    assert float(c["diff_ci_low"]) <= float(c["diff"]) <= float(c["diff_ci_high"])
+    # one test done in the family: Holm leaves its p as it is
+    assert float(c["welch_p_holm"]) == pytest.approx(w.pvalue)
+    assert {r["baseline"] for r in comps.values()} == {"SAC"}  # Random is no baseline
+
+
+def test_iqm_of_normalised_scores(store):
+    agg = rows(store["out"] / "aggregate.csv")
+    iqm = {(r["algo"], r["metric"]): r for r in agg if r["statistic"] == "iqm"}
+    assert ("Random", "best_eval") not in iqm
+    scores = []
+    for env, task_ref in (("Hopper-v5", 3728.5), ("Walker2d-v5", 5191.8)):  # the paper's best of the task
+        rnd = np.mean([np.mean(list(store["truth"][("Random", env, s)][1].values())) for s in (0, 1)])
+        scores += list((best(store, "QVPO", env, [0, 1, 2]) - rnd) / (task_ref - rnd))
+    r = iqm[("QVPO", "best_eval")]
+    assert float(r["value"]) == pytest.approx(sps.trim_mean(scores, 0.25))
+    assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])
+    assert r["tasks"] == "Hopper Walker2d" and int(r["n_runs"]) == 6
+    assert "n < 2" in iqm[("SAC", "best_eval")]["note"]  # SAC's Walker2d stratum has one run
+    poi = [r for r in agg if r["statistic"] == "prob_improvement" and r["metric"] == "best_eval"]
+    assert len(poi) == 1 and poi[0]["versus"] == "SAC" and poi[0]["tasks"] == "Hopper"
+    x, y = best(store, "QVPO", "Hopper-v5", [0, 1, 2]), best(store, "SAC", "Hopper-v5", [0, 1, 2])
+    assert float(poi[0]["value"]) == pytest.approx((x[:, None] > y[None, :]).mean())
+
+
+def test_markdown_sets_the_paper_beside_ours(store):
+    md = (store["out"] / "table.md").read_text()
+    assert "3728.5 (13.8)" in md and "5191.8 (60.2)" in md
+    assert "best evaluation return" in md and "Hopper-v5" in md
+    assert "0 = the mean return of the `Random` runs" in md and "paper's best entry" in md
+    assert "![curves_Hopper.png](curves_Hopper.png)" in md
+
+
+def test_report_run_logged_and_not_read_back(store):
+    client, exp = store["client"], store["exp"]
+    reports = client.search_runs([exp], "tags.`qvpo.report` = '1'")
+    assert len(reports) == 1
+    rep = reports[0]
+    assert rep.info.run_name == "report" and rep.info.status == "FINISHED"
+    used = rep.data.tags["report.run_ids"].split(",")
+    assert len(used) == sum(len(p[2]) for p in PLAN) and store["failed"] not in used
+    assert store["truth"][("QVPO", "Hopper-v5", 0)][0] in used
+    arts = {a.path for a in client.list_artifacts(rep.info.run_id)}
+    assert {"table.md", "cells.csv", "comparisons.csv", "aggregate.csv", "curves_Hopper.png"} <= arts
+    assert "report/iqm_QVPO" in rep.data.metrics
+
+    again = build_report("table1", store["uri"], store["paper"], store["tmp"] / "again")
+    assert len(rows(again / "runs.csv")) == len(used)
+    assert {r["algo"] for r in rows(again / "cells.csv")} == {"QVPO", "SAC", "Random"}
+    assert len(client.search_runs([exp], "tags.`qvpo.report` = '1'")) == 2
+
+
+def test_without_paper_table_aggregates_are_skipped_with_a_reason(store):
+    out = build_report("table1", store["uri"], None, store["tmp"] / "nopaper", log_to_mlflow=False)
+    md = (out / "table.md").read_text()
+    assert "Normalised scores skipped: no paper table given" in md
+    assert not [r for r in rows(out / "aggregate.csv") if r["statistic"] == "iqm"]
+    assert [r for r in rows(out / "aggregate.csv") if r["statistic"] == "prob_improvement"]  # needs no paper
+    with pytest.raises(ConfigError, match="no MLflow experiment 'nope'"):
+        build_report("nope", store["uri"], None, store["tmp"] / "x", log_to_mlflow=False)
