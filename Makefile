@@ -8,7 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench ui clean reproduce-table1
+.PHONY: install demo test test-slow bench ui clean reproduce-table1 reproduce-ablation-entropy-T \
+	reproduce-ablation-kb-kt reproduce-ablation-weights
 
 install: $(STAMP)
 
@@ -57,6 +58,19 @@ reproduce-table1: install
 		$(if $(STEPS),--steps $(STEPS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(ENVS),--envs $(ENVS)) $(if $(ALGOS),--algos $(ALGOS))
 	$(BIN)/qvpo report table1 --paper reproduce/table1/paper.csv
+
+# The paper's ablations (same overrides): each a sweep of QVPO variants, then its report.
+SWEEP_FLAGS = --backend $(BACKEND) --workers $(WORKERS) $(if $(STEPS),--steps $(STEPS)) \
+	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ENVS),--envs $(ENVS))
+reproduce-ablation-entropy-T: install
+	$(BIN)/qvpo sweep reproduce/ablation_entropy_T/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report ablation_entropy_T
+reproduce-ablation-kb-kt: install
+	$(BIN)/qvpo sweep reproduce/ablation_kb_kt/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report ablation_kb_kt
+reproduce-ablation-weights: install
+	$(BIN)/qvpo sweep reproduce/ablation_weights/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report ablation_weights
 
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install

@@ -117,7 +117,7 @@ def load_runs(client, experiment_id: str) -> tuple[list[Run], list[str]]:
         if "algo" not in tags or "env_id" not in tags:
             notes.append(f"run {r.info.run_id}: no algo/env_id tag, left out")
             continue
-        key = (tags["algo"], tags["env_id"], tags.get("seed", r.info.run_id))
+        key = (_label(tags), tags["env_id"], tags.get("seed", r.info.run_id))
         if key in latest:
             old, new = sorted([latest[key], r], key=lambda x: x.info.start_time or 0)
             notes.append(f"run {old.info.run_id}: duplicate of {key[0]} / {key[1]} / seed {key[2]}, "
@@ -129,10 +129,15 @@ def load_runs(client, experiment_id: str) -> tuple[list[Run], list[str]]:
         t = r.data.tags
         es, ev = _history(client, r.info.run_id, EVAL_KEY)
         ts, tv = _history(client, r.info.run_id, TRAIN_KEY)
-        runs.append(Run(r.info.run_id, t["algo"], t["env_id"], t.get("seed", ""), r.info.start_time or 0,
+        runs.append(Run(r.info.run_id, _label(t), t["env_id"], t.get("seed", ""), r.info.start_time or 0,
                         t.get("config_hash", ""), es, ev, ts, tv))
     runs.sort(key=lambda r: (r.env_id, r.algo, _seed_key(r.seed)))
     return runs, notes
+
+
+def _label(tags: dict) -> str:
+    """The group a run belongs to: its sweep variant (ablations: e.g. 'Kb1-Kt1'), else its algorithm."""
+    return tags.get("variant") or tags["algo"]
 
 
 def _seed_key(seed: str):

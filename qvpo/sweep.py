@@ -46,6 +46,10 @@ class Sweep:
       bindings: extra bindings for every run (after the files).
       random_baseline: also run the uniformly random policy per task and seed (one evaluation),
         the 0 of the report's normalised scores.
+      variants: named variants of an algorithm for ablations, {name: (algo, (bindings...))}: each
+        runs like an algorithm of `algos` with its bindings added and is tagged `variant=name`
+        (the report groups by variant; name the paper's default 'QVPO' so it is the treatment
+        every other variant is compared with).
       steps_per_s: measured env steps per second per algorithm (for --dry-run's estimate);
         `gpu_steps_per_s` the same for one GPU where measured or estimated.
     """
@@ -58,6 +62,7 @@ class Sweep:
     gin_files: dict = field(default_factory=dict)
     bindings: tuple = ()
     random_baseline: bool = True
+    variants: dict = field(default_factory=dict)
     steps_per_s: dict = field(default_factory=dict)
     gpu_steps_per_s: dict = field(default_factory=dict)
 
@@ -70,10 +75,11 @@ class RunSpec:
     steps: int
     gin_files: list[str]
     bindings: list[str]
+    variant: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.algo} {self.env} seed {self.seed}"
+        return f"{self.variant or self.algo} {self.env} seed {self.seed}"
 
     def config_hash(self) -> str:
         """sha256 of the gin files' contents, in order, and the bindings (tracking left out)."""
@@ -93,6 +99,8 @@ class RunSpec:
             args += ["--gin", f]
         for b in self.bindings:
             args += ["--bind", b]
+        if self.variant:
+            args += ["--tag", f"variant={self.variant}"]
         return args
 
 
@@ -101,7 +109,7 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
     """The runs of a sweep, with the command line's overrides; checks every name first."""
     from qvpo.agents import ALGORITHMS
 
-    algos = list(algos or sweep.algos)
+    algos = list(algos or (sweep.algos if not sweep.variants or algos else ()))
     envs = list(envs or sweep.envs)
     steps = sweep.steps if steps is None else steps
     seeds = sweep.seeds if seeds is None else seeds
@@ -112,8 +120,14 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
                 f"unknown algorithm {a!r} in the sweep; expected some of {', '.join(sorted(set(ALGORITHMS) - {'random'}))}")
     for e in envs:
         check_env_id(e)
+    groups = [(a, a, ()) for a in algos]  # (variant name or algo, algo, variant bindings)
+    for name, (algo, variant_bindings) in sweep.variants.items():
+        require(algo in ALGORITHMS, f"variant {name!r}: unknown algorithm {algo!r}")
+        groups.append((name, algo, tuple(variant_bindings)))
+    if sweep.random_baseline:
+        groups.append(("random", "random", ()))
     runs = []
-    for algo in algos + (["random"] if sweep.random_baseline else []):
+    for name, algo, variant_bindings in groups:
         files = [f"algos/{algo}.gin", *sweep.gin_files.get(algo, [])]
         for f in files:
             find_gin_file(f)  # a missing file is an error now, not in the middle of the sweep
@@ -121,10 +135,10 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
             for seed in range(seeds):
                 run_steps = steps if algo != "random" else min(steps, 1000)
                 binds = [f"Trainer.env_id = {env!r}", f"Trainer.total_steps = {run_steps}", f"Trainer.seed = {seed}",
-                         *sweep.bindings, *bindings]
+                         *sweep.bindings, *variant_bindings, *bindings]
                 if algo == "random":
                     binds.append(f"Trainer.eval_every = {run_steps}")
-                runs.append(RunSpec(algo, env, seed, run_steps, files, binds))
+                runs.append(RunSpec(algo, env, seed, run_steps, files, binds, name if name != algo else None))
     return runs
 
 
@@ -168,9 +182,10 @@ def plan(runs: list[RunSpec], known: dict) -> list[tuple[RunSpec, str, str | Non
 
 def estimate_hours(sweep: Sweep, todo: list[RunSpec], workers: int, table: dict) -> float | None:
     """Hours for the runs left, from measured steps/s per algorithm, `workers` at a time."""
-    if any(r.algo not in table for r in todo if r.algo != "random"):
+    rate = lambda r: table.get(r.variant) or table.get(r.algo)  # noqa: E731 - a variant may have its own
+    if any(rate(r) is None for r in todo if r.algo != "random"):
         return None
-    secs = sum(r.steps / table[r.algo] for r in todo if r.algo != "random")
+    secs = sum(r.steps / rate(r) for r in todo if r.algo != "random")
     return secs / 3600 / max(1, workers)
 
 

@@ -192,3 +192,24 @@ def test_without_paper_table_aggregates_are_skipped_with_a_reason(store):
     assert [r for r in rows(out / "aggregate.csv") if r["statistic"] == "prob_improvement"]  # needs no paper
     with pytest.raises(ConfigError, match="no MLflow experiment 'nope'"):
         build_report("nope", store["uri"], None, store["tmp"] / "x", log_to_mlflow=False)
+
+
+def test_ablation_runs_are_grouped_by_their_variant_tag(tmp_path):
+    """A sweep's ablation variants (tag `variant`) are the report's groups, QVPO the treatment."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("abl", artifact_location=(tmp_path / "art").as_uri())
+    for variant, level in (("QVPO", 100.0), ("Kb1-Kt1", 50.0)):
+        for seed in range(3):
+            run = client.create_run(exp, tags={"algo": "QVPO", "variant": variant, "env_id": "Ant-v5",
+                                               "seed": str(seed)})
+            client.log_batch(run.info.run_id, metrics=[Metric("eval/return_mean", level + seed, 0, 10_000)])
+            client.set_terminated(run.info.run_id)
+    out = build_report("abl", uri, None, tmp_path / "reports", log_to_mlflow=False)
+    cells = {r["algo"]: r for r in csv.DictReader(open(out / "cells.csv"))}
+    assert set(cells) == {"QVPO", "Kb1-Kt1"} and float(cells["Kb1-Kt1"]["best_eval_mean"]) == pytest.approx(51.0)
+    [comp] = list(csv.DictReader(open(out / "comparisons.csv")))
+    assert comp["baseline"] == "Kb1-Kt1" and float(comp["diff"]) == pytest.approx(50.0)
