@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow bench ui clean reproduce-table1 reproduce-ablation-entropy-T \
-	reproduce-ablation-kb-kt reproduce-ablation-weights
+	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
+	reproduce-open-components
 
 install: $(STAMP)
 
@@ -71,6 +72,14 @@ reproduce-ablation-kb-kt: install
 reproduce-ablation-weights: install
 	$(BIN)/qvpo sweep reproduce/ablation_weights/sweep.gin $(SWEEP_FLAGS)
 	$(BIN)/qvpo report ablation_weights
+
+# Open questions (ours, not the paper's; same overrides): reproduce/open_*/README.md.
+reproduce-open-adaptive-entropy: install
+	$(BIN)/qvpo sweep reproduce/open_adaptive_entropy/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_adaptive_entropy --paper reproduce/table1/paper.csv
+reproduce-open-components: install
+	$(BIN)/qvpo sweep reproduce/open_components/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_components --paper reproduce/table1/paper.csv
 
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install

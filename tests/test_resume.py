@@ -27,6 +27,8 @@ SETTINGS = {
     "PPO": ["PPO.rollout_steps = 128", "PPO.minibatch_size = 32", "PPO.epochs = 2", "Trainer.warmup_steps = 0"],
 }
 SETTINGS["SAC x2 seeds"] = SETTINGS["SAC"] + ["Trainer.seeds_per_process = 2"]
+SETTINGS["QVPO adaptive"] = SETTINGS["QVPO"] + ["QVPO.entropy_weight = @AdaptiveEntropyWeight()",
+                                               "AdaptiveEntropyWeight.lr = 0.01"]  # omega moves in 600 steps
 
 
 def _config(algo, steps=600, every=200):
@@ -66,7 +68,7 @@ def _params(agent):
             for p in getattr(agent, name).parameters()]
 
 
-@pytest.mark.parametrize("algo", ["SAC", "QVPO", "PPO", "SAC x2 seeds"])
+@pytest.mark.parametrize("algo", ["SAC", "QVPO", "PPO", "SAC x2 seeds", "QVPO adaptive"])
 def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(tmp_path, algo):
     """A run that dies right after its checkpoint at step 400 of 600 (Pendulum episodes of 200
     steps: the checkpoint falls between episodes, 300 falls inside one for PPO's rollouts) and is
@@ -101,6 +103,9 @@ def test_killed_after_a_checkpoint_and_resumed_equals_uninterrupted(tmp_path, al
     assert len({(seed, k, s) for seed, k, s, _ in store.rows}) == len(store.rows)
     for a, b in zip(_params(resumed.agent), ref_params):
         assert torch.equal(a, b)
+    if algo == "QVPO adaptive":  # the per-seed omega_ent state resumed too, and it moved
+        assert torch.equal(resumed.agent.entropy_weight.log_weight, ref.agent.entropy_weight.log_weight)
+        assert len({v for _, k, _, v in store.rows if k == "entropy/weight"}) > 1
 
 
 @pytest.mark.parametrize("algo", ["QVPO", "SAC"])

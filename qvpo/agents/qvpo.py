@@ -23,7 +23,8 @@ import torch
 from qvpo.agents.base import Agent
 from qvpo.buffers import Batch, SeedBuffers
 from qvpo.diffusion import DiffusionPolicy
-from qvpo.errors import require_int
+from qvpo.entropy import kl_entropy
+from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ
 from qvpo.optim import adam, clip_and_step, soft_update
 from qvpo.rng import EVAL_STREAM, SeedRNG, init_generators
@@ -34,19 +35,26 @@ from qvpo.weights import QAdv, QWeight
 
 @torch.no_grad()
 def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Tensor, k: int,
-                       rng: SeedRNG | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       rng: SeedRNG | None = None, return_candidates: bool = False) -> tuple[torch.Tensor, ...]:
     """The K-efficient policy: argmax over k sampled actions of min(Q1, Q2).
 
-    states (N, B, S) -> (best actions (N, B, A), Q of all candidates (N, B, k)). With k = 1 the
-    critic is skipped (Q returned as zeros).
+    states (N, B, S) -> (best actions (N, B, A), Q of all candidates (N, B, k)), and with
+    return_candidates the candidates themselves (N, B, k, A) third. With k = 1 the critic is
+    skipped (Q returned as zeros).
     """
     N, B, _ = states.shape
     candidates = policy.sample(states, k, rng)  # (N, B, k, A)
     if k == 1:
-        return candidates[:, :, 0], torch.zeros(N, B, 1, device=states.device)
-    q = critic.q_min(states.repeat_interleave(k, dim=1), candidates.flatten(1, 2)).view(N, B, k)
-    best = q.argmax(dim=-1)
-    return torch.gather(candidates, 2, best[..., None, None].expand(-1, -1, 1, candidates.shape[-1]))[:, :, 0], q
+        best, q = candidates[:, :, 0], torch.zeros(N, B, 1, device=states.device)
+    else:
+        q = critic.q_min(states.repeat_interleave(k, dim=1), candidates.flatten(1, 2)).view(N, B, k)
+        best = pick(candidates, q.argmax(dim=-1))
+    return (best, q, candidates) if return_candidates else (best, q)
+
+
+def pick(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """candidates (N, B, k, A), index (N, B) in [0, k) -> the indexed candidate of each state (N, B, A)."""
+    return torch.gather(candidates, 2, index[..., None, None].expand(-1, -1, 1, candidates.shape[-1]))[:, :, 0]
 
 
 @gin.configurable
@@ -70,7 +78,15 @@ class QVPO(Agent):
       eval_candidates: candidates when evaluating.
       q_weight: the Q-weight transform (qvpo.weights); None = QAdv(), the reference's qadv.
       entropy_weight: schedule of omega_ent over env steps (qvpo.schedules); None =
-        LinearDecay(), the reference code's decay from 0.02 to 0.002.
+        LinearDecay(), the reference code's decay from 0.02 to 0.002. A schedule with an
+        `observe(entropy)` method (AdaptiveEntropyWeight) is given the entropy estimate after
+        every update and may return one omega per seed, (N,).
+      estimate_entropy: estimate the policy's entropy per state from the Nd candidates already
+        drawn (Kozachenko-Leonenko, qvpo.entropy; no extra sampling), mean over states per seed,
+        logged as `entropy/estimate`. Required by an adaptive entropy_weight.
+      train_selection: 'best' (QVPO: the best of the Nd candidates by Q) or 'random' (a uniformly
+        random candidate: with q_weight = @Uniform() the component-isolation variant that drops
+        both the selection and the weighting; reproduce/open_components).
       shared_batch: reuse the critic's minibatch for the policy step (a deviation from the
         reference, which draws a fresh one; off by default).
       optimizer: optimiser factory, called as optimizer(params, lr=...).
@@ -93,6 +109,8 @@ class QVPO(Agent):
                  q_weight: QWeight | None = None,
                  entropy_weight: Callable[[int, int], float] | None = None,
                  shared_batch: bool = False,
+                 estimate_entropy: bool = True,
+                 train_selection: str = "best",
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
         self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau,
                     policy_lr=policy_lr, critic_lr=critic_lr)
@@ -118,6 +136,14 @@ class QVPO(Agent):
         self.q_weight.reset(len(self.seeds))
         self.q_weight.to(self.device)
         self.entropy_weight = entropy_weight or LinearDecay()
+        self.estimate_entropy = estimate_entropy
+        require(train_selection in ("best", "random"),
+                f"QVPO.train_selection must be 'best' or 'random', got {train_selection!r}")
+        self.train_selection = train_selection
+        if hasattr(self.entropy_weight, "observe"):
+            require(estimate_entropy, "an adaptive QVPO.entropy_weight needs QVPO.estimate_entropy = True")
+            self.entropy_weight.reset(len(self.seeds), action_dim)
+            self.entropy_weight.to(self.device)
         self.policy_opt = optimizer(self.policy.parameters(), lr=policy_lr)
         self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
         self.rng = SeedRNG(self.seeds, self.device)
@@ -162,18 +188,26 @@ class QVPO(Agent):
         states = batch.obs if self.shared_batch else buffers.sample(self.batch_size).obs
         B, A = states.shape[1], self.action_dim
         with timer.phase("sampling"):
-            best_action, q = best_of_candidates(self.policy, self.critic, states, self.Nd, self.rng)
+            best_action, q, candidates = best_of_candidates(self.policy, self.critic, states, self.Nd,
+                                                            self.rng, return_candidates=True)
+            if self.train_selection == "random":  # component isolation: no selection by Q
+                best_action = pick(candidates, self.rng.randint(self.Nd, B))
+        entropy = None
+        if self.estimate_entropy:
+            with timer.phase("entropy"):  # (N, B, Nd, A) -> (N, B) -> (N,): per seed, never mixed
+                entropy = kl_entropy(candidates).mean(dim=-1)
 
         with timer.phase("actor"):
             # 3. the weight of each state's best candidate
             w = self.q_weight(q).detach()  # (N, B)
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
-            omega = self.entropy_weight(step, self.total_steps)
+            omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
+            omega_rows = omega[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
             uniform = self.rng.rand(B * self.Ne, A) * 2.0 - 1.0
             # 5. one weighted denoising loss over both blocks (mean over all B + B*Ne rows)
             loss_states = torch.cat([states, states.repeat_interleave(self.Ne, dim=1)], dim=1)
             loss_actions = torch.cat([best_action, uniform], dim=1)
-            loss_weights = torch.cat([w, (omega * w).repeat_interleave(self.Ne, dim=1)], dim=1)
+            loss_weights = torch.cat([w, (omega_rows * w).repeat_interleave(self.Ne, dim=1)], dim=1)
             policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights, self.rng)  # (N,)
             self.policy_opt.zero_grad(set_to_none=True)
             policy_loss.sum().backward()
@@ -182,8 +216,10 @@ class QVPO(Agent):
             # 6. targets
             soft_update(self.critic_target, self.critic, self.tau)
             soft_update(self.policy_target, self.policy, self.tau)
+        if hasattr(self.entropy_weight, "observe"):
+            self.entropy_weight.observe(entropy)  # sets omega for the next update
 
-        return {  # each (N,): one value per seed
+        metrics = {  # each (N,): one value per seed
             "loss/critic": critic_loss.detach(),
             "loss/actor": policy_loss.detach(),
             "q/mean": q1.detach().mean(dim=-1),
@@ -196,6 +232,9 @@ class QVPO(Agent):
             "grad/critic_norm": critic_grad,
             "grad/actor_norm": policy_grad,
         }
+        if entropy is not None:
+            metrics["entropy/estimate"] = entropy
+        return metrics
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -206,6 +245,8 @@ class QVPO(Agent):
             "q_weight": self.q_weight.state_dict(),
             "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "rng": self.rng.state_dict(),
+            **({"entropy_weight": self.entropy_weight.state_dict()}
+               if hasattr(self.entropy_weight, "state_dict") else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,3 +255,5 @@ class QVPO(Agent):
         for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
                      "policy_opt", "critic_opt", "rng"):
             getattr(self, name).load_state_dict(state[name])
+        if hasattr(self.entropy_weight, "load_state_dict"):  # the adaptive omega's per-seed state
+            self.entropy_weight.load_state_dict(state["entropy_weight"])
