@@ -96,6 +96,28 @@ class QExp(QWeight):
 
 
 @gin.configurable
+class QExpAdv(QWeight):
+    """Exponentiated advantage, as advantage-weighted regression and MPO weight their targets
+    (Peng et al. 2019, "AWR", eq. 7; Abdolmaleki et al. 2018, "MPO", E-step):
+    w = min(exp((Q(s, a*) - V(s)) / (beta * sd(s))), max_weight), with V and sd the mean and std of
+    the Nd candidates' Q at s, so beta is in units of the candidates' spread (scale-free: raw Q
+    grows with the return). max_weight = 20 is AWR's weight clip; beta = 1 is ours (the QVPO
+    paper names this combination as an open question, not its values).
+    """
+
+    def __init__(self, beta: float = 1.0, max_weight: float = 20.0):
+        super().__init__()
+        require(beta > 0, f"QExpAdv.beta must be > 0, got {beta}")
+        require(max_weight > 0, f"QExpAdv.max_weight must be > 0, got {max_weight}")
+        self.beta, self.max_weight = beta, max_weight
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        adv = q.max(dim=-1).values - q.mean(dim=-1)
+        scale = self.beta * q.std(dim=-1, unbiased=False).clamp(min=1e-6)
+        return torch.exp(adv / scale).clamp(max=self.max_weight)
+
+
+@gin.configurable
 class Uniform(QWeight):
     """w = 1: no Q-weighting (selection of the best candidate is kept). For ablations."""
 

@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from qvpo.schedules import Constant, LinearDecay
@@ -45,3 +48,17 @@ def test_linear_decay_matches_reference_formula():
     assert s(950, 1000) == 0.002  # floor
     assert s(2000, 1000) == 0.002
     assert Constant(0.01)(123, 1000) == 0.01
+
+
+def test_qexpadv_exponentiates_the_scaled_advantage_and_clips():
+    from qvpo.weights import QExpAdv
+
+    q = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 30.0]]])  # (seeds, states, candidates)
+    w = QExpAdv(beta=2.0, max_weight=20.0)(q)
+    # state 0: A = 3 - 2 = 1, sd = sqrt(2/3): exp(1 / (2 sqrt(2/3)))
+    assert w[0, 0].item() == pytest.approx(math.exp(1.0 / (2.0 * math.sqrt(2.0 / 3.0))), rel=1e-5)
+    # state 1: A = 20, sd = sqrt(200): exp(20 / (2 * 14.14)) = exp(0.707)
+    assert w[0, 1].item() == pytest.approx(math.exp(20.0 / (2.0 * math.sqrt(200.0))), rel=1e-5)
+    # scale-free: multiplying every Q by 100 leaves the weights alone
+    torch.testing.assert_close(QExpAdv(beta=2.0)(100.0 * q), w)
+    assert QExpAdv(beta=0.01, max_weight=20.0)(q).max().item() == 20.0  # AWR's clip
