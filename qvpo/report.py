@@ -456,6 +456,41 @@ spread the same way and is the runner-up; final evaluation and the training retu
 the honest alternatives. All four are shown for every cell."""
 
 
+PHASES = ("sampling", "critic", "actor", "env", "eval")
+
+
+def compute_rows(client, groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
+    """Per (algorithm, task): wall time per env step by phase, from the `time/<phase>_ms_per_step`
+    metrics every run logs (each run's mean over its logging windows, then the mean over runs),
+    and env steps per second. The phases are the trainer's: sampling (acting and the policy's
+    candidate draws), critic, actor (policy update), env (stepping and resets), eval."""
+    rows = []
+    for (algo, env_id), runs in groups.items():
+        row = {"algo": algo, "env_id": env_id, "n": len(runs)}
+        for phase in PHASES:
+            per_run = [v.mean() for v in (_history(client, r.run_id, f"time/{phase}_ms_per_step")[1] for r in runs)
+                       if len(v)]
+            row[f"{phase}_ms_per_step"] = float(np.mean(per_run)) if per_run else math.nan
+        rates = [v.mean() for v in (_history(client, r.run_id, "perf/steps_per_s")[1] for r in runs) if len(v)]
+        row["steps_per_s"] = float(np.mean(rates)) if rates else math.nan
+        row["total_ms_per_step"] = float(np.nansum([row[f"{p}_ms_per_step"] for p in PHASES]))
+        rows.append(row)
+    return rows
+
+
+def compute_markdown(rows: list[dict]) -> str:
+    L = ["", "## Compute: wall time per env step by phase", "",
+         "From the runs' own `time/<phase>_ms_per_step` metrics (mean over logging windows, then over "
+         "runs; on whatever machine each run ran: see the runs' `host` and `device` tags).", "",
+         "| algorithm | task | n | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms | env steps/s |",
+         "|---|---|---|" + "---|" * (len(PHASES) + 2)]
+    for r in rows:
+        cells = " | ".join(_f(r[f"{p}_ms_per_step"], 3) for p in PHASES)
+        L.append(f"| {r['algo']} | {task_name(r['env_id'])} | {r['n']} | {cells} | "
+                 f"{_f(r['total_ms_per_step'], 3)} | {_f(r['steps_per_s'], 1)} |")
+    return "\n".join(L) + "\n"
+
+
 def write_markdown(path: Path, experiment: str, uri: str, runs: list[Run], notes: list[str], cells, comps,
                    agg, normalisers, aggregate_reason: str, paper, figures: list[str]) -> None:
     tasks = _task_order({c["task"] for c in cells}, paper)
@@ -702,6 +737,10 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
         figures += ["aggregate_iqm.png", "performance_profile.png"]
     write_markdown(report_dir / "table.md", experiment, tracking_uri, runs, notes, cells, comps, agg,
                    normalisers, aggregate_reason, paper, figures)
+    compute = compute_rows(client, groups)
+    _write_csv(report_dir / "compute.csv", compute)
+    with open(report_dir / "table.md", "a") as f:
+        f.write(compute_markdown(compute))
     if log_to_mlflow:
         _log(client, exp.experiment_id, report_dir, runs, agg)
     return report_dir

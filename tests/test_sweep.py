@@ -121,6 +121,12 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
            if row["statistic"] == "iqm" and row["algo"] == "SAC" and row["metric"] == "best_eval"]
     assert float(agg[0]["value"]) == pytest.approx(scipy.stats.trim_mean(scores, 0.25), rel=1e-9)
     assert "-150" in (out_dir / "table.md").read_text() and list(out_dir.glob("*.png"))
+    # compute overhead: time per env step by phase, from the runs' own metrics
+    compute = {row["algo"]: row for row in csv.DictReader(open(out_dir / "compute.csv"))}
+    env_ms = [np.mean([m.value for m in client.get_metric_history(r.info.run_id, "time/env_ms_per_step")])
+              for r in runs if r.data.tags["algo"] == "SAC"]
+    assert float(compute["SAC"]["env_ms_per_step"]) == pytest.approx(np.mean(env_ms), rel=1e-9)
+    assert float(compute["QVPO"]["sampling_ms_per_step"]) > 0 and "by phase" in (out_dir / "table.md").read_text()
     report_runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.`qvpo.report` = '1'")
     assert len(report_runs) == 1
 
