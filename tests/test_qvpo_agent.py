@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from qvpo.agents.qvpo import QVPO, best_of_candidates
 from qvpo.buffers import Batch, ReplayBuffer, SeedBuffers
+from qvpo.errors import ConfigError
 from qvpo.schedules import Constant
 
 
@@ -136,3 +138,20 @@ def test_batched_seeds_match_separate_runs(tiny):
     # the seeds did not train identically
     p = next(batched.policy.parameters())
     assert (p[0] - p[1]).abs().max() > 1e-3
+
+
+def test_random_selection_trains_on_a_random_candidate_not_the_best():
+    """train_selection='random' (component isolation): `pick` returns the indexed candidates."""
+    from qvpo.agents.qvpo import pick
+
+    candidates = torch.arange(2 * 3 * 4 * 2, dtype=torch.float32).view(2, 3, 4, 2)
+    index = torch.tensor([[0, 3, 1], [2, 2, 0]])
+    out = pick(candidates, index)
+    for n in range(2):
+        for b in range(3):
+            torch.testing.assert_close(out[n, b], candidates[n, b, index[n, b]])
+    agent = QVPO(3, 2, seeds=(0,), batch_size=8, train_candidates=4, train_selection="random")
+    m = agent.update(filled_buffers((0,)), step=1)
+    assert torch.isfinite(m["loss/actor"]).all()
+    with pytest.raises(ConfigError, match="train_selection"):
+        QVPO(3, 2, train_selection="worst")
