@@ -60,33 +60,37 @@ def seed_everything(seed: int) -> None:
 class MetricAccumulator:
     """Sums the agent's per-update metrics on the device; one host sync per `pop`.
 
-    Metric values are (N,) tensors (one per seed) or plain floats (the same for every seed).
+    Metric values are (N,) tensors (one per seed) or plain floats (the same for every seed). A
+    metric only some updates report (a periodic diagnostic) is averaged over those updates.
     """
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor | float] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
+
+    @property
+    def count(self) -> int:
+        return max(self.counts.values(), default=0)
 
     def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def pop(self, num_seeds: int) -> list[dict[str, float]]:
-        """Means over the updates since the last pop, one dict per seed."""
-        n = max(self.count, 1)
+        """Means over the updates since the last pop (that reported the metric), one dict per seed."""
         out = [{} for _ in range(num_seeds)]
         keys = [k for k, v in self.sums.items() if torch.is_tensor(v)]
         if keys:  # one device-to-host transfer for all tensor metrics: (metrics, seeds)
             values = torch.stack([self.sums[k].float().reshape(-1).expand(num_seeds) for k in keys]).tolist()
             for k, row in zip(keys, values):
                 for i in range(num_seeds):
-                    out[i][k] = row[i] / n
+                    out[i][k] = row[i] / self.counts[k]
         for k, v in self.sums.items():
             if not torch.is_tensor(v):
                 for i in range(num_seeds):
-                    out[i][k] = float(v) / n
-        self.sums, self.count = {}, 0
+                    out[i][k] = float(v) / self.counts[k]
+        self.sums, self.counts = {}, {}
         return out
 
 
@@ -147,6 +151,10 @@ class Trainer:
         state: agent, buffers, env states, RNGs, counters, results.
       deterministic: torch.use_deterministic_algorithms(True) and one thread (CPU runs then
         repeat bit for bit, also across a checkpoint and resume).
+      q_bias: at every episode end, log the critic's overestimation for agents with a Q critic:
+        `q/overestimation` = mean over the episode's states of min(Q1, Q2)(s_t, a_t) - G_t, with G_t
+        the discounted Monte-Carlo return (only states whose return is complete: all after a
+        termination, those >= log(0.01)/log(gamma) steps before a truncation), and `q/mc_return`.
     """
 
     def __init__(self, env_id: str = "Hopper-v5",
@@ -165,7 +173,8 @@ class Trainer:
                  num_threads: int = 0,
                  sync_timing: bool = False,
                  checkpoint_every: int = 10_000,
-                 deterministic: bool = False):
+                 deterministic: bool = False,
+                 q_bias: bool = True):
         require_int(total_steps, "Trainer.total_steps (--steps)", 0)
         require_int(warmup_steps, "Trainer.warmup_steps", 0)
         require_int(updates_per_step, "Trainer.updates_per_step", 0)
@@ -184,6 +193,7 @@ class Trainer:
         self.truncation_is_terminal = truncation_is_terminal
         self.log_every, self.progress = log_every, progress
         self.checkpoint_every = checkpoint_every
+        self.q_bias = q_bias
         if deterministic:
             torch.use_deterministic_algorithms(True)
             num_threads = 1
@@ -207,6 +217,7 @@ class Trainer:
         self.acc = MetricAccumulator()
         self.obs: np.ndarray | None = None
         self.ep_return, self.ep_len = [0.0] * N, [0] * N
+        self.episode = [([], [], []) for _ in range(N)]  # per seed: this episode's obs, actions, rewards
         self.stop_signal: int | None = None  # set by a signal handler: checkpoint and stop
         if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
             require(warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
@@ -287,12 +298,21 @@ class Trainer:
             else:
                 for k in range(N):
                     self.buffers[k].add(obs[k], actions[k], rewards[k], next_obs[k], bool(terminal[k]))
+            track_q = self.q_bias and not agent.on_policy
             for k, env in enumerate(envs):
                 ep_return[k] += float(rewards[k])
                 ep_len[k] += 1
+                if track_q:
+                    ep_obs, ep_act, ep_rew = self.episode[k]
+                    ep_obs.append(obs[k].copy())
+                    ep_act.append(np.asarray(actions[k], dtype=np.float32).copy())
+                    ep_rew.append(float(rewards[k]))
                 if terminated[k] or truncated[k]:
                     results[k].episodes.append((step, ep_return[k]))
-                    logs[k]({"train/episode_return": ep_return[k], "train/episode_length": ep_len[k]}, step)
+                    episode_metrics = {"train/episode_return": ep_return[k], "train/episode_length": ep_len[k]}
+                    if track_q:
+                        episode_metrics.update(self._q_bias(k, bool(terminated[k])))
+                    logs[k](episode_metrics, step)
                     with timer.phase("env"):
                         next_obs[k], _ = env.reset()
                     ep_return[k], ep_len[k] = 0.0, 0
@@ -354,6 +374,26 @@ class Trainer:
                                     title=f"{name} on {self.env_id} (seed {self.seeds[k]})")
         return results
 
+    def _q_bias(self, k: int, terminated: bool) -> dict[str, float]:
+        """Seed k's just-finished episode: its critic's Q against the Monte-Carlo returns."""
+        ep_obs, ep_act, ep_rew = self.episode[k]
+        self.episode[k] = ([], [], [])
+        gamma = getattr(self.agent, "gamma", None)
+        n = q_bias_states(len(ep_rew), terminated, gamma) if gamma is not None else 0
+        if n == 0:
+            return {}
+        N = len(self.seeds)
+        obs = torch.zeros(N, n, len(ep_obs[0]), device=self.device)  # other seeds' rows unused
+        act = torch.zeros(N, n, len(ep_act[0]), device=self.device)
+        obs[k] = torch.as_tensor(np.stack(ep_obs[:n]), dtype=torch.float32, device=self.device)
+        act[k] = torch.as_tensor(np.stack(ep_act[:n]), dtype=torch.float32, device=self.device)
+        q = self.agent.q_estimate(obs, act)
+        if q is None:
+            return {}
+        g = discounted_returns(np.asarray(ep_rew), gamma)[:n]
+        q_k = q[k].double().cpu().numpy()
+        return {"q/overestimation": float(np.mean(q_k - g)), "q/mc_return": float(np.mean(g))}
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """The whole training state: agent, buffers, env states and RNGs, counters, results."""
@@ -366,8 +406,8 @@ class Trainer:
             "envs": [get_env_state(e) for e in self.envs],
             "eval_env_rngs": [[e.unwrapped.np_random.bit_generator.state for e in envs] for envs in self.eval_envs],
             "obs": None if self.obs is None else self.obs.copy(),
-            "ep_return": list(self.ep_return), "ep_len": list(self.ep_len),
-            "results": self.results, "acc": (dict(self.acc.sums), self.acc.count),
+            "ep_return": list(self.ep_return), "ep_len": list(self.ep_len), "episode": self.episode,
+            "results": self.results, "acc": (dict(self.acc.sums), dict(self.acc.counts)),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -390,8 +430,12 @@ class Trainer:
                 env.unwrapped.np_random.bit_generator.state = r
         self.step, self.obs = state["step"], state["obs"]
         self.ep_return, self.ep_len = list(state["ep_return"]), list(state["ep_len"])
+        self.episode = state.get("episode", [([], [], []) for _ in self.seeds])
         self.results = state["results"]
-        self.acc.sums, self.acc.count = state["acc"]
+        sums, counts = state["acc"]
+        if not isinstance(counts, dict):  # checkpoints before per-metric counts: one count for all
+            counts = {k: counts for k in sums}
+        self.acc.sums, self.acc.counts = sums, counts
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -413,6 +457,31 @@ class Trainer:
     def close(self) -> None:
         for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:
             env.close()
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = r_t + gamma G_{t+1} over one episode, G_T = 0 (the Monte-Carlo return from each step)."""
+    out = np.empty(len(rewards))
+    g = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        g = rewards[t] + gamma * g
+        out[t] = g
+    return out
+
+
+def mc_horizon(gamma: float, tail: float = 0.01) -> int:
+    """Steps after which the discounted tail weighs less than `tail`: gamma^H <= tail."""
+    return 0 if gamma <= 0 else (math.inf if gamma >= 1 else math.ceil(math.log(tail) / math.log(gamma)))
+
+
+def q_bias_states(length: int, terminated: bool, gamma: float, tail: float = 0.01) -> int:
+    """How many of an episode's first states have a Monte-Carlo return that estimates Q: all of
+    them after a termination; after a time-limit truncation only those with at least
+    mc_horizon(gamma) steps left (the missing tail weighs less than `tail` of the return)."""
+    if terminated:
+        return length
+    h = mc_horizon(gamma, tail)
+    return max(0, length - h) if h != math.inf else 0
 
 
 class Interrupted(Exception):

@@ -1,5 +1,6 @@
 import gin
 import numpy as np
+import pytest
 import torch
 
 from qvpo.train import MetricAccumulator, Trainer
@@ -132,3 +133,51 @@ def test_seeds_per_process_match_separate_trainers():
         for a, b in zip(t1.agent.policy.parameters(), p2):
             torch.testing.assert_close(a[0], b[k], rtol=1e-4, atol=1e-5)
         t1.close()
+
+
+def test_q_overestimation_against_hand_computed_returns():
+    """q/overestimation = mean_t Q(s_t, a_t) - G_t over the states whose Monte-Carlo return is
+    complete, on a hand-computed episode."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from qvpo.train import discounted_returns, mc_horizon, q_bias_states
+
+    np.testing.assert_allclose(discounted_returns(np.array([1.0, 2.0, 3.0]), 0.5), [1 + 0.5 * (2 + 0.5 * 3), 2 + 1.5, 3.0])
+    assert mc_horizon(0.5) == 7 and mc_horizon(0.99) == 459  # 0.5^7 < 0.01 <= 0.5^6
+    assert q_bias_states(10, True, 0.5) == 10 and q_bias_states(10, False, 0.5) == 3
+    assert q_bias_states(200, False, 0.99) == 0
+
+    gin.parse_config(["Trainer.env_id = 'Pendulum-v1'", "Trainer.agent = @SAC", "Trainer.progress = False",
+                      "Trainer.seeds_per_process = 2", "SAC.gamma = 0.5", "SAC.hidden = (8,)"])
+    trainer = Trainer()
+    seen = {}
+
+    def fake_q(obs, act):
+        seen["obs"] = obs.clone()
+        return torch.full(obs.shape[:2], 5.0)
+
+    trainer.agent.q_estimate = fake_q
+    rewards = [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    trainer.episode[1] = ([np.full(3, t, np.float32) for t in range(10)], [np.zeros(1, np.float32)] * 10, rewards)
+    out = trainer._q_bias(1, terminated=False)  # truncated: the first 10 - 7 = 3 states count
+    g = discounted_returns(np.array(rewards), 0.5)[:3]
+    assert out["q/overestimation"] == pytest.approx(5.0 - g.mean())
+    assert out["q/mc_return"] == pytest.approx(g.mean())
+    assert seen["obs"].shape == (2, 3, 3) and seen["obs"][1, 2, 0] == 2.0 and seen["obs"][0].abs().sum() == 0
+    assert trainer.episode[1] == ([], [], [])
+    trainer.close()
+    assert math.isfinite(out["q/overestimation"])
+
+
+def test_q_overestimation_is_logged_at_episode_ends():
+    gin.parse_config(["Trainer.env_id = 'Pendulum-v1'", "Trainer.agent = @SAC", "Trainer.progress = False",
+                      "Trainer.total_steps = 400", "Trainer.warmup_steps = 100", "Trainer.eval_every = 400",
+                      "Trainer.eval_episodes = 1", "SAC.gamma = 0.5", "SAC.batch_size = 16", "SAC.hidden = (8,)"])
+    logged = []
+    trainer = Trainer()
+    trainer.run(lambda m, step: logged.append((step, m)) if "q/overestimation" in m else None)
+    trainer.close()
+    assert [s for s, _ in logged] == [200, 400]  # Pendulum: 200-step episodes, truncated

@@ -51,6 +51,16 @@ class Agent(abc.ABC):
         explore=True is the behaviour policy (data collection), False the evaluation policy.
         """
 
+    @torch.no_grad()
+    def q_estimate(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor | None:
+        """min(Q1, Q2)(s, a) of the agent's critic, (N, M) for obs (N, M, S) and actions (N, M, A);
+        None for agents without a Q critic (on-policy, random). The trainer compares it with the
+        discounted Monte-Carlo return of finished episodes (the `q/overestimation` metric)."""
+        from qvpo.nets import TwinQ
+
+        critic = getattr(self, "critic", None)
+        return critic.q_min(obs, action) if isinstance(critic, TwinQ) else None
+
     def begin_evaluation(self, tag: int) -> None:
         """Called before each evaluation (tag = env step): agents re-seed their evaluation noise
         here, so evaluation never consumes training randomness and each seed's evaluation is
