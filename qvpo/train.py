@@ -312,6 +312,7 @@ class Trainer:
                     episode_metrics = {"train/episode_return": ep_return[k], "train/episode_length": ep_len[k]}
                     if track_q:
                         episode_metrics.update(self._q_bias(k, bool(terminated[k])))
+                    agent.observe_episode(k, episode_metrics)
                     logs[k](episode_metrics, step)
                     with timer.phase("env"):
                         next_obs[k], _ = env.reset()

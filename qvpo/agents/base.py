@@ -61,6 +61,11 @@ class Agent(abc.ABC):
         critic = getattr(self, "critic", None)
         return critic.q_min(obs, action) if isinstance(critic, TwinQ) else None
 
+    def observe_episode(self, seed_index: int, metrics: dict[str, float]) -> None:
+        """Called by the trainer at each episode end of seed `seed_index` with that episode's
+        metrics (train/episode_return, q/overestimation, ...); agents with rules that read them
+        (QVPO's adaptive Kt) override this."""
+
     def begin_evaluation(self, tag: int) -> None:
         """Called before each evaluation (tag = env step): agents re-seed their evaluation noise
         here, so evaluation never consumes training randomness and each seed's evaluation is

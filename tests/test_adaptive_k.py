@@ -1,0 +1,44 @@
+"""Adaptive Kb / Kt rules: direction, the fixed set of values, hysteresis, state."""
+
+import pytest
+import torch
+
+from qvpo.adaptive_k import BiasKt, SpreadKb
+from qvpo.errors import ConfigError
+
+
+def test_spread_rule_raises_kb_for_wide_spreads_and_lowers_it_for_narrow_ones():
+    rule = SpreadKb(initial=4, low=0.01, high=0.05, momentum=1.0, patience=2)
+    wide = torch.tensor([[[0.0, 10.0, -10.0, 5.0]]])    # std >> |mean| + 1
+    narrow = torch.full((1, 3, 4), 100.0)                # identical candidates
+    assert rule.observe(wide) == 4                       # one observation: patience not reached
+    assert rule.observe(wide) == 8                       # two: up one value
+    for _ in range(10):
+        rule.observe(wide)
+    assert rule.value == 16                              # capped at the largest value
+    for _ in range(2 * 10):
+        rule.observe(narrow)
+    assert rule.value == 1                               # down to the smallest, one value at a time
+
+
+def test_bias_rule_lowers_kt_when_overestimation_grows_and_back_when_it_shrinks():
+    rule = BiasKt(initial=4, low=0.05, high=0.2, momentum=1.0, patience=1)
+    assert rule.observe(overestimation=50.0, mc_return=100.0) == 2    # b = 50 / 101 > 0.2: down
+    assert rule.observe(overestimation=50.0, mc_return=100.0) == 1
+    assert rule.observe(overestimation=10.0, mc_return=100.0) == 1    # inside the band: stays
+    assert rule.observe(overestimation=-5.0, mc_return=100.0) == 2    # underestimation: back up
+    state = rule.state_dict()
+    other = BiasKt(initial=4)
+    other.load_state_dict(state)
+    assert other.value == 2
+
+
+def test_smoothing_and_checks():
+    rule = BiasKt(initial=4, momentum=0.1, patience=1)
+    rule.observe(100.0, 100.0)  # the first observation sets the average
+    rule.observe(0.0, 100.0)    # one small value barely moves it: still above the band
+    assert rule.value == 1
+    with pytest.raises(ConfigError, match="initial"):
+        SpreadKb(initial=3)
+    with pytest.raises(ConfigError, match="low"):
+        BiasKt(low=0.5, high=0.1)
