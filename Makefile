@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow bench ui clean reproduce-table1 reproduce-ablation-entropy-T \
 	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
-	reproduce-open-components
+	reproduce-open-components reproduce-open-weight-variance
 
 install: $(STAMP)
 
@@ -80,6 +80,9 @@ reproduce-open-adaptive-entropy: install
 reproduce-open-components: install
 	$(BIN)/qvpo sweep reproduce/open_components/sweep.gin $(SWEEP_FLAGS)
 	$(BIN)/qvpo report open_components --paper reproduce/table1/paper.csv
+reproduce-open-weight-variance: install
+	$(BIN)/qvpo sweep reproduce/open_weight_variance/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_weight_variance
 
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install

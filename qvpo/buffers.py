@@ -252,18 +252,20 @@ class ReplayBuffer:
         nxt = (idx + 1) % self.slots
         return Batch(self.obs[idx], self.action[idx], self.reward[idx], self.obs[nxt], self.terminal[idx])
 
-    def sample(self, batch_size: int) -> Batch:
-        """`batch_size` transitions drawn uniformly (with replacement) among the sampleable ones."""
-        return self._gather(self.sample_slots(batch_size))
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        """`batch_size` transitions drawn uniformly (with replacement) among the sampleable ones.
+        generator: a stream other than the buffer's own (diagnostics that must not move it)."""
+        return self._gather(self.sample_slots(batch_size, generator))
 
-    def sample_slots(self, batch_size: int) -> torch.Tensor:
+    def sample_slots(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """The start slots of `batch_size` transitions drawn as sample() draws them: (B,) int64 on
-        the buffer's device, from the same stream. They name the same transitions until the next
-        add()."""
+        the buffer's device, from the same stream (or `generator`, on the buffer's device). They
+        name the same transitions until the next add()."""
         if self._n == 0:
             raise ValueError("ReplayBuffer.sample: the buffer holds no transition yet")
         self._flush()
-        k = torch.randint(0, self._n, (batch_size,), device=self.device, generator=self.generator)
+        k = torch.randint(0, self._n, (batch_size,), device=self.device,
+                          generator=self.generator if generator is None else generator)
         return self._starts[k]
 
     # ------------------------------------------------------------------ improved actions (DIPO)
@@ -388,10 +390,13 @@ class SeedBuffers:
         """Transitions every seed's buffer can provide."""
         return min(len(b) for b in self.buffers)
 
-    def sample(self, batch_size: int) -> Batch:
+    def sample(self, batch_size: int, generators: list[torch.Generator] | None = None) -> Batch:
+        """generators: one per seed, used instead of the buffers' own streams (which they leave as
+        they are)."""
+        gens = generators if generators is not None else [None] * len(self.buffers)
         if len(self.buffers) == 1:
-            return Batch(*(x.unsqueeze(0) for x in self.buffers[0].sample(batch_size)))
-        parts = [b.sample(batch_size) for b in self.buffers]
+            return Batch(*(x.unsqueeze(0) for x in self.buffers[0].sample(batch_size, gens[0])))
+        parts = [b.sample(batch_size, g) for b, g in zip(self.buffers, gens)]
         return Batch(*(torch.stack(xs) for xs in zip(*parts)))
 
     # improved actions (DIPO's diffusion buffer), one column per seed's buffer

@@ -491,6 +491,140 @@ def compute_markdown(rows: list[dict]) -> str:
     return "\n".join(L) + "\n"
 
 
+GRADVAR_PREFIX = "gradvar/"  # qvpo.diagnostics: gradvar/<weighting>/<metric>
+GRADVAR_METRICS = ("scale_free_var", "loss_var", "ess")
+GRADVAR_REFERENCE = "qadv"  # the advantage weighting every other weighting is tested against
+
+
+def gradvar_run_rows(client, runs: list[Run]) -> list[dict]:
+    """One row per (run, weighting) for runs that logged the gradient-variance diagnostic: each
+    `gradvar/<weighting>/<metric>` as the run's mean over its logged steps."""
+    rows = []
+    for r in runs:
+        keys = client.get_run(r.run_id).data.metrics
+        names = sorted({k.split("/")[1] for k in keys if k.startswith(GRADVAR_PREFIX) and k.count("/") == 2})
+        for name in names:
+            row = {"run_id": r.run_id, "algo": r.algo, "env_id": r.env_id, "seed": r.seed, "weighting": name}
+            for m in GRADVAR_METRICS:
+                v = _history(client, r.run_id, f"{GRADVAR_PREFIX}{name}/{m}")[1]
+                row[m] = float(v.mean()) if len(v) else math.nan
+                row[f"{m}_n_logged"] = len(v)
+            rows.append(row)
+    return rows
+
+
+def _gradvar_order(names) -> list[str]:
+    rest = sorted(set(names) - {GRADVAR_REFERENCE})
+    return ([GRADVAR_REFERENCE] if GRADVAR_REFERENCE in names else []) + rest
+
+
+def gradvar_test_rows(run_rows: list[dict]) -> list[dict]:
+    """qadv against each other weighting, paired by run: Wilcoxon signed-rank (two-sided, scipy)
+    on log(scale_free_var of the other) - log(that of qadv), per task and over all runs, Holm
+    corrected over every test of the section. Logs, because the ratio spans orders of magnitude
+    and is positive: a difference of logs is a ratio, comparable across tasks."""
+    from scipy import stats as sps
+
+    per_run = defaultdict(dict)
+    for r in run_rows:
+        per_run[r["run_id"]][r["weighting"]] = r
+    names = _gradvar_order({r["weighting"] for r in run_rows})
+    scopes = sorted({r["env_id"] for r in run_rows}) + ["all"]
+    rows = []
+    for scope in scopes:
+        for other in names:
+            if other == GRADVAR_REFERENCE:
+                continue
+            pairs = [(w[GRADVAR_REFERENCE]["scale_free_var"], w[other]["scale_free_var"]) for w in per_run.values()
+                     if GRADVAR_REFERENCE in w and other in w and (scope == "all" or w[other]["env_id"] == scope)]
+            pairs = [(a, b) for a, b in pairs if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)]
+            ref = np.array([a for a, _ in pairs])
+            oth = np.array([b for _, b in pairs])
+            row = {"scope": scope, "reference": GRADVAR_REFERENCE, "weighting": other, "n": len(pairs),
+                   "reference_median": float(np.median(ref)) if len(pairs) else math.nan,
+                   "weighting_median": float(np.median(oth)) if len(pairs) else math.nan,
+                   "median_ratio": float(np.exp(np.median(np.log(oth) - np.log(ref)))) if len(pairs) else math.nan,
+                   "frac_weighting_higher": float(np.mean(oth > ref)) if len(pairs) else math.nan,
+                   "wilcoxon_w": math.nan, "wilcoxon_p": math.nan, "note": ""}
+            d = np.log(oth) - np.log(ref)
+            if len(pairs) < 2:
+                row["note"] = "n < 2: no test"
+            elif not np.any(d != 0):
+                row["note"] = "all differences 0: no test"
+            else:
+                res = sps.wilcoxon(d, alternative="two-sided")
+                row["wilcoxon_w"], row["wilcoxon_p"] = float(res.statistic), float(res.pvalue)
+            rows.append(row)
+    holm = stats.holm_bonferroni([r["wilcoxon_p"] for r in rows])
+    for r, h in zip(rows, holm):
+        r["wilcoxon_p_holm"] = float(h)
+    return rows
+
+
+def plot_gradvar(run_rows: list[dict], path: Path) -> None:
+    """Box plot of the per-run scale-free gradient variance per weighting (log scale), runs as points."""
+    plt = _plt()
+    names = _gradvar_order({r["weighting"] for r in run_rows})
+    envs = sorted({r["env_id"] for r in run_rows})
+    data = [[r["scale_free_var"] for r in run_rows if r["weighting"] == n and r["scale_free_var"] > 0] for n in names]
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    for j, env in enumerate(envs):
+        for i, n in enumerate(names):
+            ys = [r["scale_free_var"] for r in run_rows if r["weighting"] == n and r["env_id"] == env
+                  and r["scale_free_var"] > 0]
+            ax.scatter(np.full(len(ys), i + 1 + 0.08 * (j - (len(envs) - 1) / 2)), ys, s=12, color=f"C{j}",
+                       label=task_name(env) if i == 0 else None, zorder=3)
+    ax.set_yscale("log")
+    ax.set_ylabel("tr Cov[g] / |E g|^2 (per-run mean)")
+    ax.set_title("scale-free policy-gradient variance by Q-weighting", fontsize=10)
+    if envs:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gradvar_markdown(run_rows: list[dict], tests: list[dict], figure: str) -> str:
+    names = _gradvar_order({r["weighting"] for r in run_rows})
+    L = ["", "## Gradient variance by Q-weighting (reproduce/open_weight_variance)", "",
+         "From the runs' `gradvar/<weighting>/*` metrics (qvpo.diagnostics): at the same parameters, K "
+         "paired minibatch + candidate draws per diagnostic; each run's mean over its diagnostics. "
+         "Scale-free variance = tr Cov[g] / |E g|^2 of the policy gradient; ESS = (sum w)^2 / (B sum w^2).", "",
+         "| weighting | runs | median scale-free var | median loss var | median ESS |", "|---|---|---|---|---|"]
+    for n in names:
+        sel = [r for r in run_rows if r["weighting"] == n]
+        med = {m: float(np.nanmedian([r[m] for r in sel])) if sel else math.nan for m in GRADVAR_METRICS}
+        L.append(f"| {n} | {len(sel)} | {med['scale_free_var']:.4g} | {med['loss_var']:.4g} | {med['ess']:.3f} |")
+    L += ["", f"Paired by run: Wilcoxon signed-rank (two-sided) on log(scale-free var) of each weighting minus "
+              f"that of `{GRADVAR_REFERENCE}`, per task and over all runs; p Holm-corrected over the tests below. "
+              "Ratio > 1: the weighting's gradient is noisier than the advantage's.", "",
+          "| scope | weighting | n | median ratio vs qadv | frac higher | W | p | p (Holm) | note |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        L.append(f"| {task_name(t['scope'])} | {t['weighting']} | {t['n']} | {_f(t['median_ratio'], 3)} | "
+                 f"{_f(t['frac_weighting_higher'], 2)} | {_f(t['wilcoxon_w'], 1)} | {_p(t['wilcoxon_p'])} | "
+                 f"{_p(t['wilcoxon_p_holm'])} | {t['note']} |")
+    L += ["", f"![{figure}]({figure})"]
+    return "\n".join(L) + "\n"
+
+
+def gradvar_report(client, runs: list[Run], report_dir: Path) -> list[str]:
+    """The gradient-variance section, when runs logged it: gradvar_runs.csv, gradvar.csv, gradvar.png
+    and a section appended to table.md. Returns the files written (none without gradvar metrics)."""
+    run_rows = gradvar_run_rows(client, runs)
+    if not run_rows:
+        return []
+    tests = gradvar_test_rows(run_rows)
+    _write_csv(report_dir / "gradvar_runs.csv", run_rows)
+    _write_csv(report_dir / "gradvar.csv", tests)
+    plot_gradvar(run_rows, report_dir / "gradvar.png")
+    with open(report_dir / "table.md", "a") as f:
+        f.write(gradvar_markdown(run_rows, tests, "gradvar.png"))
+    return ["gradvar_runs.csv", "gradvar.csv", "gradvar.png"]
+
+
 def write_markdown(path: Path, experiment: str, uri: str, runs: list[Run], notes: list[str], cells, comps,
                    agg, normalisers, aggregate_reason: str, paper, figures: list[str]) -> None:
     tasks = _task_order({c["task"] for c in cells}, paper)
@@ -659,7 +793,9 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     aggregate.csv, run_ids.txt and the figures. paper_csv (env,algo,mean,std, the paper's Table 1)
     gives the paper's column and the normalisation's 1; without it, or without `Random` runs of a
     task, the normalised aggregates skip that task and say why. log_to_mlflow: also log the report
-    as a run named `report` (tag qvpo.report = 1) with the files as artifacts.
+    as a run named `report` (tag qvpo.report = 1) with the files as artifacts. Runs that logged
+    the gradient-variance diagnostic (`gradvar/*`) add gradvar.csv, gradvar_runs.csv, gradvar.png
+    and a section of table.md (gradvar_report).
     Raises ConfigError when the experiment does not exist or has no usable runs.
     """
     from mlflow.tracking import MlflowClient
@@ -741,6 +877,7 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     _write_csv(report_dir / "compute.csv", compute)
     with open(report_dir / "table.md", "a") as f:
         f.write(compute_markdown(compute))
+    gradvar_report(client, runs, report_dir)  # only when runs logged gradvar/* (open_weight_variance)
     if log_to_mlflow:
         _log(client, exp.experiment_id, report_dir, runs, agg)
     return report_dir

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 # offsets keep the streams of one seed apart (network init, training noise, evaluation noise,
-# replay sampling)
+# replay sampling, diagnostics that must leave training's streams alone)
 INIT_STREAM, NOISE_STREAM, EVAL_STREAM, BUFFER_STREAM = 0, 1_000_003, 2_000_029, 3_000_017
+DIAGNOSTIC_STREAM = 4_000_037
 
 
 def init_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -22,6 +22,7 @@ import torch
 
 from qvpo.agents.base import Agent
 from qvpo.buffers import Batch, SeedBuffers
+from qvpo.diagnostics import build_weightings, weighting_gradient_variance
 from qvpo.diffusion import DiffusionPolicy
 from qvpo.entropy import kl_entropy
 from qvpo.errors import require, require_int
@@ -90,6 +91,13 @@ class QVPO(Agent):
       shared_batch: reuse the critic's minibatch for the policy step (a deviation from the
         reference, which draws a fresh one; off by default).
       optimizer: optimiser factory, called as optimizer(params, lr=...).
+      gradient_variance_every: every this many env steps (at updates with step % every == 0) run
+        the gradient-variance diagnostic (qvpo.diagnostics; reproduce/open_weight_variance) and
+        add its `gradvar/<weighting>/*` metrics to the update's; 0 = off (the default).
+      gradient_variance_samples: K, independent minibatch + candidate draws per diagnostic.
+      gradient_variance_weightings: names of the weightings it compares (qvpo.diagnostics.WEIGHTINGS);
+        stateful ones (qexp's running mean/std of Q) follow the training Q values of every update
+        while the diagnostic is on, so they normalise as they would in training.
     """
 
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
@@ -111,7 +119,10 @@ class QVPO(Agent):
                  shared_batch: bool = False,
                  estimate_entropy: bool = True,
                  train_selection: str = "best",
-                 optimizer: Callable[..., torch.optim.Optimizer] = adam):
+                 optimizer: Callable[..., torch.optim.Optimizer] = adam,
+                 gradient_variance_every: int = 0,
+                 gradient_variance_samples: int = 8,
+                 gradient_variance_weightings: tuple[str, ...] = ("qadv", "qcut", "qrelu", "qexp", "qexpadv")):
         self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau,
                     policy_lr=policy_lr, critic_lr=critic_lr)
         for name, value in [("behavior_candidates (Kb)", behavior_candidates),
@@ -147,6 +158,12 @@ class QVPO(Agent):
         self.policy_opt = optimizer(self.policy.parameters(), lr=policy_lr)
         self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
         self.rng = SeedRNG(self.seeds, self.device)
+        require_int(gradient_variance_every, "QVPO.gradient_variance_every (env steps, 0 = off)", 0)
+        require_int(gradient_variance_samples, "QVPO.gradient_variance_samples (K)", 2)
+        self.gradient_variance_every = gradient_variance_every
+        self.gradient_variance_samples = gradient_variance_samples
+        self.gradvar_weightings = (build_weightings(tuple(gradient_variance_weightings), len(self.seeds), self.device)
+                                   if gradient_variance_every else {})
         self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
 
     # ---------------------------------------------------------------- acting
@@ -200,6 +217,10 @@ class QVPO(Agent):
         with timer.phase("actor"):
             # 3. the weight of each state's best candidate
             w = self.q_weight(q).detach()  # (N, B)
+            with torch.no_grad():  # the diagnostic's running statistics follow training's Q values
+                for transform in self.gradvar_weightings.values():
+                    if any(True for _ in transform.buffers()):
+                        transform(q)
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
             omega_rows = omega[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
@@ -234,6 +255,10 @@ class QVPO(Agent):
         }
         if entropy is not None:
             metrics["entropy/estimate"] = entropy
+        if self.gradient_variance_every and step % self.gradient_variance_every == 0:
+            with timer.phase("diagnostic"):  # at the parameters this update left
+                metrics.update(weighting_gradient_variance(self, buffers, self.gradvar_weightings,
+                                                           self.gradient_variance_samples, step))
         return metrics
 
     # ---------------------------------------------------------------- state
@@ -245,6 +270,8 @@ class QVPO(Agent):
             "q_weight": self.q_weight.state_dict(),
             "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "rng": self.rng.state_dict(),
+            **({"gradvar_weightings": {k: w.state_dict() for k, w in self.gradvar_weightings.items()}}
+               if self.gradvar_weightings else {}),
             **({"entropy_weight": self.entropy_weight.state_dict()}
                if hasattr(self.entropy_weight, "state_dict") else {}),
         }
@@ -255,5 +282,8 @@ class QVPO(Agent):
         for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
                      "policy_opt", "critic_opt", "rng"):
             getattr(self, name).load_state_dict(state[name])
+        for k, w in self.gradvar_weightings.items():  # absent from checkpoints of runs without it
+            if k in state.get("gradvar_weightings", {}):
+                w.load_state_dict(state["gradvar_weightings"][k])
         if hasattr(self.entropy_weight, "load_state_dict"):  # the adaptive omega's per-seed state
             self.entropy_weight.load_state_dict(state["entropy_weight"])
