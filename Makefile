@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow bench ui clean reproduce-table1 reproduce-ablation-entropy-T \
 	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
-	reproduce-open-components reproduce-open-weight-variance
+	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance
 
 install: $(STAMP)
 
@@ -77,6 +77,9 @@ reproduce-ablation-weights: install
 reproduce-open-adaptive-entropy: install
 	$(BIN)/qvpo sweep reproduce/open_adaptive_entropy/sweep.gin $(SWEEP_FLAGS)
 	$(BIN)/qvpo report open_adaptive_entropy --paper reproduce/table1/paper.csv
+reproduce-open-adaptive-k: install
+	$(BIN)/qvpo sweep reproduce/open_adaptive_k/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_adaptive_k --paper reproduce/table1/paper.csv
 reproduce-open-components: install
 	$(BIN)/qvpo sweep reproduce/open_components/sweep.gin $(SWEEP_FLAGS)
 	$(BIN)/qvpo report open_components --paper reproduce/table1/paper.csv

@@ -12,6 +12,7 @@ from pathlib import Path
 import gin
 
 # importing these registers their configurables with gin
+import qvpo.adaptive_k  # noqa: F401
 import qvpo.agents  # noqa: F401
 import qvpo.buffers  # noqa: F401
 import qvpo.diffusion  # noqa: F401

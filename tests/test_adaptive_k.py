@@ -42,3 +42,27 @@ def test_smoothing_and_checks():
         SpreadKb(initial=3)
     with pytest.raises(ConfigError, match="low"):
         BiasKt(low=0.5, high=0.1)
+
+
+def test_qvpo_moves_kb_and_kt_with_its_rules_and_checkpoints_them():
+    from qvpo.agents.qvpo import QVPO
+    from test_qvpo_agent import filled_buffers
+
+    kw = dict(batch_size=8, train_candidates=4)
+    agent = QVPO(3, 2, seeds=(0,), behavior_rule=SpreadKb(initial=4, low=-1.0, high=-0.5, momentum=1.0, patience=1),
+                 target_rule=BiasKt(initial=4, momentum=1.0, patience=1), **kw)
+    buffers = filled_buffers((0,))
+    agent.update(buffers, step=1)  # any spread is above a negative band: Kb up one value
+    assert agent.Kb == 8
+    agent.update(buffers, step=2)
+    assert agent.Kb == 16 and agent.act(torch.randn(1, 1, 3), explore=True).shape == (1, 1, 2)
+    agent.observe_episode(0, {"train/episode_return": 1.0})  # no measurement: no change
+    assert agent.Kt == 4
+    agent.observe_episode(0, {"q/overestimation": 80.0, "q/mc_return": 100.0})
+    assert agent.Kt == 2
+    state = agent.state_dict()
+    other = QVPO(3, 2, seeds=(0,), behavior_rule=SpreadKb(), target_rule=BiasKt(), **kw)
+    other.load_state_dict(state)
+    assert (other.Kb, other.Kt) == (16, 2) and other.target_rule.signal == agent.target_rule.signal
+    with pytest.raises(ConfigError, match="seeds_per_process = 1"):
+        QVPO(3, 2, seeds=(0, 1), behavior_rule=SpreadKb(), **kw)

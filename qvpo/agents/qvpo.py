@@ -95,6 +95,9 @@ class QVPO(Agent):
         the gradient-variance diagnostic (qvpo.diagnostics; reproduce/open_weight_variance) and
         add its `gradvar/<weighting>/*` metrics to the update's; 0 = off (the default).
       gradient_variance_samples: K, independent minibatch + candidate draws per diagnostic.
+      behavior_rule, target_rule: adaptive Kb / Kt (qvpo.adaptive_k: @SpreadKb(), @BiasKt(); an
+        open question, reproduce/open_adaptive_k); None = the fixed behavior_candidates /
+        target_candidates. One seed per process only (the seeds would share K).
       gradient_variance_weightings: names of the weightings it compares (qvpo.diagnostics.WEIGHTINGS);
         stateful ones (qexp's running mean/std of Q) follow the training Q values of every update
         while the diagnostic is on, so they normalise as they would in training.
@@ -122,7 +125,9 @@ class QVPO(Agent):
                  optimizer: Callable[..., torch.optim.Optimizer] = adam,
                  gradient_variance_every: int = 0,
                  gradient_variance_samples: int = 8,
-                 gradient_variance_weightings: tuple[str, ...] = ("qadv", "qcut", "qrelu", "qexp", "qexpadv")):
+                 gradient_variance_weightings: tuple[str, ...] = ("qadv", "qcut", "qrelu", "qexp", "qexpadv"),
+                 behavior_rule=None,
+                 target_rule=None):
         self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau,
                     policy_lr=policy_lr, critic_lr=critic_lr)
         for name, value in [("behavior_candidates (Kb)", behavior_candidates),
@@ -135,6 +140,15 @@ class QVPO(Agent):
         self.grad_clip = grad_clip
         self.Nd, self.Ne = train_candidates, uniform_samples
         self.Kb, self.Kt, self.K_eval = behavior_candidates, target_candidates, eval_candidates
+        # adaptive Kb / Kt (qvpo.adaptive_k; an open question): one K per process, so one seed
+        self.behavior_rule, self.target_rule = behavior_rule, target_rule
+        if behavior_rule is not None or target_rule is not None:
+            require(len(self.seeds) == 1, "adaptive Kb / Kt (QVPO.behavior_rule / target_rule) need "
+                    "Trainer.seeds_per_process = 1: seeds trained together share one K")
+        if behavior_rule is not None:
+            self.Kb = behavior_rule.value
+        if target_rule is not None:
+            self.Kt = target_rule.value
         self.shared_batch = shared_batch
         self.action_dim = action_dim
 
@@ -217,6 +231,8 @@ class QVPO(Agent):
         with timer.phase("actor"):
             # 3. the weight of each state's best candidate
             w = self.q_weight(q).detach()  # (N, B)
+            if self.behavior_rule is not None:  # Kb from the candidates' Q spread (one host read)
+                self.Kb = self.behavior_rule.observe(q)
             with torch.no_grad():  # the diagnostic's running statistics follow training's Q values
                 for transform in self.gradvar_weightings.values():
                     if any(True for _ in transform.buffers()):
@@ -261,6 +277,11 @@ class QVPO(Agent):
                                                            self.gradient_variance_samples, step))
         return metrics
 
+    def observe_episode(self, seed_index: int, metrics: dict[str, float]) -> None:
+        """Adaptive Kt: the trainer's measured overestimation of each finished episode."""
+        if self.target_rule is not None and "q/overestimation" in metrics:
+            self.Kt = self.target_rule.observe(metrics["q/overestimation"], metrics["q/mc_return"])
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {
@@ -274,6 +295,9 @@ class QVPO(Agent):
                if self.gradvar_weightings else {}),
             **({"entropy_weight": self.entropy_weight.state_dict()}
                if hasattr(self.entropy_weight, "state_dict") else {}),
+            "K": {"Kb": self.Kb, "Kt": self.Kt,
+                  "behavior_rule": self.behavior_rule.state_dict() if self.behavior_rule else None,
+                  "target_rule": self.target_rule.state_dict() if self.target_rule else None},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,3 +311,8 @@ class QVPO(Agent):
                 w.load_state_dict(state["gradvar_weightings"][k])
         if hasattr(self.entropy_weight, "load_state_dict"):  # the adaptive omega's per-seed state
             self.entropy_weight.load_state_dict(state["entropy_weight"])
+        if "K" in state:  # adaptive Kb / Kt and their rules' smoothed signals
+            self.Kb, self.Kt = state["K"]["Kb"], state["K"]["Kt"]
+            for name in ("behavior_rule", "target_rule"):
+                if getattr(self, name) is not None and state["K"][name] is not None:
+                    getattr(self, name).load_state_dict(state["K"][name])
