@@ -148,7 +148,7 @@ def train(args: argparse.Namespace) -> int:
             run_dir = Path(extra["run_dir"])
         ckpt_path = run_dir / "state.pt"
         for tracker, seed in zip(trackers, trainer.seeds):
-            tracker.client.set_tag(tracker.run_id, "qvpo.checkpoint", str(ckpt_path))
+            tracker.set_tag("qvpo.checkpoint", str(ckpt_path))
             print(f"MLflow run {tracker.run_id} (seed {seed}) in experiment {tracker.experiment!r} at "
                   f"{tracker.uri}" + (f", resumed at env step {trainer.step}" if resumed else ""), file=sys.stderr)
         out_dirs = [run_dir / f"seed{seed}" for seed in trainer.seeds]
@@ -171,7 +171,7 @@ def train(args: argparse.Namespace) -> int:
     except DivergenceError as e:
         for tracker, d in zip(started, out_dirs or [None] * len(started)):
             _upload_quietly(tracker, d)
-            tracker.client.set_tag(tracker.run_id, "failure_reason", str(e)[:5000])
+            tracker.set_tag("failure_reason", str(e)[:5000])
             tracker.end("FAILED", str(e), flush=not holding)
         print(f"qvpo: error: {e} (the last good checkpoint is kept: {ckpt_path})", file=sys.stderr)
         return 1

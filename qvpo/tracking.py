@@ -69,6 +69,29 @@ def flat_params() -> dict[str, str]:
     return params
 
 
+class _RetryOnLock:
+    """An MlflowClient whose calls are retried while a sqlite store is locked by another writer
+    (sqlite allows one writer at a time; under load a sweep's workers can time out waiting)."""
+
+    def __init__(self, client, attempts: int = 8, wait_s: float = 0.25):
+        self._client, self._attempts, self._wait_s = client, attempts, wait_s
+
+    def __getattr__(self, name):
+        fn = getattr(self._client, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            for attempt in range(self._attempts):
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - only lock contention is retried here
+                    if "locked" not in str(e) or attempt == self._attempts - 1:
+                        raise
+                    time.sleep(self._wait_s * 2 ** attempt)
+        return call
+
+
 @gin.configurable
 class MlflowTracker:
     """One MLflow run: `start`, `log` (buffered), `flush`, `end`.
@@ -95,7 +118,7 @@ class MlflowTracker:
         self.outage = False
         try:
             mlflow.set_tracking_uri(self.uri)
-            self.client = MlflowClient(self.uri)
+            self.client = _RetryOnLock(MlflowClient(self.uri))
         except Exception as e:  # noqa: BLE001 - e.g. an unknown URI scheme
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"cannot use MLflow tracking URI {self.uri!r}: {first}") from None
@@ -194,6 +217,9 @@ class MlflowTracker:
                   f"{len(self._pending)} metric values stay buffered for run {self.run_id}", file=sys.stderr)
         self.outage = True
         return False
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def log_artifacts(self, local_dir: Path) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir))

@@ -148,3 +148,34 @@ def test_every_reproduce_spec_expands_and_its_runs_parse(spec):
         if key not in seen:
             seen.add(key)
             config.parse(r.gin_files, r.bindings)
+
+
+TINY_QVPO = ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4", "DiffusionPolicy.T = 3",
+             "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)", "Trainer.warmup_steps = 100",
+             "Trainer.eval_every = 150", "Trainer.eval_episodes = 1", "Trainer.log_every = 100",
+             "ReplayBuffer.capacity = 1000", "QVPO.gradient_variance_every = 100",
+             "QVPO.gradient_variance_samples = 3"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "reproduce").glob("open_*")))
+def test_open_question_folder_smoke_profile(tmp_path, monkeypatch, capsys, folder):
+    """Each open-question folder end to end at smoke scale: its sweep (every variant, one seed,
+    Pendulum-v1, 200 steps, tiny networks) and its report."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = str(Path(__file__).resolve().parent.parent / "reproduce" / folder / "sweep.gin")
+    binds = [x for b in TINY_QVPO for x in ("--bind", b)]
+    assert main(["sweep", spec, "--steps", "200", "--seeds", "1", "--envs", "Pendulum-v1", "--workers", "2",
+                 "--tracking-uri", uri, *binds]) == 0
+    experiment = sw.load_spec(spec, []).experiment
+    assert main(["report", experiment, "--tracking-uri", uri, "--out", str(tmp_path / "reports")]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "attributes.status = 'FINISHED'")
+    variants = {r.data.tags.get("variant") for r in runs if r.data.tags.get("variant")}
+    assert variants == set(sw.load_spec(spec, []).variants)
+    table = (tmp_path / "reports" / experiment / "table.md").read_text()
+    assert "by phase" in table
+    if folder == "open_weight_variance":
+        assert (tmp_path / "reports" / experiment / "gradvar.csv").exists()
