@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qvpo.errors import ConfigError
+from qvpo.errors import ConfigError, one_line
 
 FORMAT = "qvpo-checkpoint-1"
 
@@ -54,7 +54,7 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise ConfigError(f"checkpoint {str(path)!r} is corrupt or truncated ({first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"{str(path)!r} is not a qvpo training checkpoint (expected format {FORMAT!r})")

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from qvpo.errors import ConfigError
+from qvpo.errors import ConfigError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": train, "sweep": sweep, "report": report, "ui": ui}[args.command](args)
     except ConfigError as e:
-        print(f"qvpo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"qvpo: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

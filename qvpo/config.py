@@ -24,7 +24,7 @@ import qvpo.tracking  # noqa: F401
 import qvpo.train  # noqa: F401
 import qvpo.weights  # noqa: F401
 from qvpo.agents import ALGORITHMS
-from qvpo.errors import ConfigError
+from qvpo.errors import ConfigError, one_line  # noqa: F401 - one_line: re-exported for the CLI
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 
@@ -81,15 +81,6 @@ def parse_text(text: str, bindings: list[str]) -> None:
         gin.parse_config(bindings, skip_unknown=False)
     except (ValueError, SyntaxError, TypeError, KeyError, NameError, IOError) as e:
         raise ConfigError(f"gin config: {one_line(e)}") from None
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's message (gin appends long context after it)."""
-    text = str(e).strip()
-    if isinstance(e, SyntaxError) and e.msg:
-        where = f" ({e.filename or 'bindings'}, line {e.lineno})" if e.lineno else ""
-        return f"syntax error: {e.msg}{where}: {(e.text or '').strip()}"
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def shorthand_bindings(algo: str | None = None, env: str | None = None, steps: int | None = None,

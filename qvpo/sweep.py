@@ -23,7 +23,7 @@ from pathlib import Path
 import gin
 
 from qvpo.config import find_gin_file
-from qvpo.errors import ConfigError, require, require_int
+from qvpo.errors import ConfigError, one_line, require, require_int
 from qvpo.envs import check_env_id
 
 # bindings that do not change what a run computes: left out of the config hash
@@ -247,7 +247,7 @@ def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)
     except Exception as e:  # noqa: BLE001 - no cluster at that address, ...
-        raise ConfigError(f"cannot connect to Ray at {address!r}: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {one_line(e)}") from None
 
     @ray.remote
     def train_task(args: list[str]) -> tuple[int, str]:

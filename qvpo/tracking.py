@@ -18,7 +18,7 @@ from pathlib import Path
 
 import gin
 
-from qvpo.errors import ConfigError
+from qvpo.errors import ConfigError, one_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKED_PACKAGES = ("qvpo", "torch", "gymnasium", "mujoco", "gin-config", "mlflow", "numpy")
@@ -120,7 +120,7 @@ class MlflowTracker:
             mlflow.set_tracking_uri(self.uri)
             self.client = _RetryOnLock(MlflowClient(self.uri))
         except Exception as e:  # noqa: BLE001 - e.g. an unknown URI scheme
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = one_line(e)
             raise ConfigError(f"cannot use MLflow tracking URI {self.uri!r}: {first}") from None
         self.run_id: str | None = None
         self._pending: list = []
@@ -144,7 +144,7 @@ class MlflowTracker:
             exp = self.client.get_experiment_by_name(self.experiment)
             return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = one_line(e)
             raise ConfigError(f"cannot use MLflow tracking store {self.uri!r}: {first}") from None
 
     def start(self, run_name: str, params: dict[str, str], config_str: str,
@@ -181,7 +181,7 @@ class MlflowTracker:
         try:
             run = self.client.get_run(run_id)
         except Exception as e:  # noqa: BLE001
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = one_line(e)
             raise ConfigError(f"cannot resume MLflow run {run_id!r} at {self.uri!r}: {first}") from None
         if run.info.status == "FINISHED":
             raise ConfigError(f"MLflow run {run_id} has already FINISHED; nothing to resume")
@@ -212,7 +212,7 @@ class MlflowTracker:
             self._pending, self.outage = [], False
             return True
         if not self.outage:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = one_line(error)
             print(f"qvpo: warning: MLflow store {self.uri!r} failed ({first[:200]}); training goes on, "
                   f"{len(self._pending)} metric values stay buffered for run {self.run_id}", file=sys.stderr)
         self.outage = True

@@ -193,7 +193,6 @@ class Trainer:
         self.truncation_is_terminal = truncation_is_terminal
         self.log_every, self.progress = log_every, progress
         self.checkpoint_every = checkpoint_every
-        self.q_bias = q_bias
         if deterministic:
             torch.use_deterministic_algorithms(True)
             num_threads = 1
@@ -218,6 +217,8 @@ class Trainer:
         self.obs: np.ndarray | None = None
         self.ep_return, self.ep_len = [0.0] * N, [0] * N
         self.episode = [([], [], []) for _ in range(N)]  # per seed: this episode's obs, actions, rewards
+        # decided once: episodes are recorded only when there is a critic to compare with
+        self.track_q = q_bias and not self.agent.on_policy and self.agent.has_q_critic
         self.stop_signal: int | None = None  # set by a signal handler: checkpoint and stop
         if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
             require(warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
@@ -298,7 +299,7 @@ class Trainer:
             else:
                 for k in range(N):
                     self.buffers[k].add(obs[k], actions[k], rewards[k], next_obs[k], bool(terminal[k]))
-            track_q = self.q_bias and not agent.on_policy
+            track_q = self.track_q
             for k, env in enumerate(envs):
                 ep_return[k] += float(rewards[k])
                 ep_len[k] += 1
@@ -398,10 +399,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """The whole training state: agent, buffers, env states and RNGs, counters, results."""
-        check_finite_parameters(self.agent.state_dict(), self.step)
+        agent_state = self.agent.state_dict()
+        check_finite_parameters(agent_state, self.step)
         return {
             "step": self.step, "env_id": self.env_id, "seeds": self.seeds, "agent_class": type(self.agent).__name__,
-            "agent": self.agent.state_dict(),
+            "agent": agent_state,
             "buffers": None if self.agent.on_policy else [b.state_dict() for b in self.buffers.buffers],
             "rollout": self.rollout.state_dict() if self.agent.on_policy else None,
             "envs": [get_env_state(e) for e in self.envs],
@@ -534,11 +536,8 @@ class Checkpointer:
 def save_checkpoint(path: Path, agent: Agent, step: int, eval_return: float | None,
                     seed_index: int = 0) -> None:
     """The agent's whole state (all seeds of the process) and which seed this file is for."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"agent": agent.state_dict(), "step": step, "eval_return": eval_return,
-                "seed_index": seed_index}, tmp)
-    tmp.replace(path)
+    atomic_save({"agent": agent.state_dict(), "step": step, "eval_return": eval_return,
+                 "seed_index": seed_index}, path)
 
 
 def write_eval_csv(path: Path, evaluations: list[EvalRecord]) -> None:

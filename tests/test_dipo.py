@@ -12,7 +12,7 @@ from qvpo.errors import ConfigError
 from qvpo.nets import TwinQ
 from qvpo.rng import init_generators
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import filled_buffers
+from test_qvpo_agent import assert_seed_slices_match, filled_buffers, update_batched_and_alone
 
 
 class QuadraticCritic(nn.Module):
@@ -189,20 +189,12 @@ def test_target_policy_is_an_ema_with_tau_every_k_updates(tiny):
 def test_batched_seeds_equal_separate_runs(tiny):
     seeds = (2, 3)
     kw = dict(action_gradient_steps=4)
-    batched = tiny_dipo(seeds, **kw)
-    alone = [tiny_dipo((s,), **kw) for s in seeds]
-    bufs, singles = filled_buffers(seeds), [filled_buffers((s,)) for s in seeds]
-    for step in range(1, 4):
-        m = batched.update(bufs, step)
-        for a, b in zip(alone, singles):
-            a.update(b, step)
+    batched, alone, bufs, singles, m, _ = update_batched_and_alone(lambda s: tiny_dipo(s, **kw), seeds, 3)
     obs = torch.randn(2, 5, 3)
     batched.begin_evaluation(7)
     act_b = batched.act(obs, explore=False)
+    assert_seed_slices_match(batched, alone, ("policy", "policy_target", "critic", "critic_target"))
     for k, (a, b) in enumerate(zip(alone, singles)):
-        for name in ("policy", "policy_target", "critic", "critic_target"):
-            for p_b, p_a in zip(getattr(batched, name).parameters(), getattr(a, name).parameters()):
-                torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-5)
         # the diffusion buffers got the same improved actions
         slots = bufs[k].stored_slots()
         torch.testing.assert_close(bufs[k].improved_pairs(slots)[1], b[0].improved_pairs(slots)[1],

@@ -8,7 +8,7 @@ from qvpo.agents.qvpo import QVPO
 from qvpo.entropy import kl_entropy
 from qvpo.errors import ConfigError
 from qvpo.schedules import AdaptiveEntropyWeight, Constant, LinearDecay
-from test_qvpo_agent import filled_buffers
+from test_qvpo_agent import assert_seed_slices_match, filled_buffers, update_batched_and_alone
 
 # ---------------------------------------------------------------- the estimator on closed forms
 # n = 2000 samples per set, 8 sets (a leading batch dim) averaged: the estimator's sd per set is
@@ -133,18 +133,12 @@ def test_qvpo_adaptive_moves_omega_and_uses_it_per_seed(tiny):
 
 def test_qvpo_adaptive_batched_seeds_match_separate_runs(tiny):
     seeds = (3, 4, 5)
-    batched = QVPO(3, 2, seeds=seeds, entropy_weight=adaptive(), **KW)
-    alone = [QVPO(3, 2, seeds=(s,), entropy_weight=adaptive(), **KW) for s in seeds]
-    buffers = filled_buffers(seeds)
-    singles = [filled_buffers((s,)) for s in seeds]
-    for step in range(1, 5):
-        mb = batched.update(buffers, step)
-        ms = [a.update(b, step) for a, b in zip(alone, singles)]
-    for k, a in enumerate(alone):
+    batched, alone, _, _, mb, ms = update_batched_and_alone(
+        lambda s: QVPO(3, 2, seeds=s, entropy_weight=adaptive(), **KW), seeds, 4)
+    for k in range(len(seeds)):
         for name in ("entropy/estimate", "entropy/weight", "loss/actor"):
             torch.testing.assert_close(mb[name][k], ms[k][name][0], rtol=1e-5, atol=1e-5)
-        for p_b, p_a in zip(batched.policy.parameters(), a.policy.parameters()):
-            torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-5)
+    assert_seed_slices_match(batched, alone, ("policy",))
     assert mb["entropy/weight"].unique().numel() == 3  # the seeds' omegas moved apart
 
 

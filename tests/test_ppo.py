@@ -10,11 +10,11 @@ import torch
 
 from qvpo.agents.ppo import PPO
 from qvpo.agents.spo import SPO
-from qvpo.envs import make_env
 from qvpo.errors import ConfigError
 from qvpo.normalize import ObsNormalizer, RewardScaler, RunningMeanStd
 from qvpo.rollout import Rollout, RolloutBuffer, gae
 from qvpo.train import Trainer
+from test_learning import random_policy_return
 
 
 def test_gae_on_a_known_trajectory():
@@ -261,22 +261,9 @@ LEARN = ["Trainer.env_id = 'InvertedPendulum-v5'", "Trainer.total_steps = 24576"
          "Trainer.eval_every = 4096", "Trainer.eval_episodes = 5", "Trainer.progress = False", "Trainer.seed = 0"]
 
 
-def random_inverted_pendulum_return(episodes=20, seed=123) -> float:
-    env = make_env("InvertedPendulum-v5", seed=seed)
-    returns = []
-    for _ in range(episodes):
-        env.reset()
-        done, total = False, 0.0
-        while not done:
-            _, r, term, trunc, _ = env.step(env.action_space.sample())
-            total, done = total + r, term or trunc
-        returns.append(total)
-    return float(np.mean(returns))
-
-
 @pytest.mark.parametrize("algo", ["PPO", "SPO"])
 def test_learns_inverted_pendulum(algo):
-    random_return = random_inverted_pendulum_return()
+    random_return = random_policy_return(episodes=20, env_id="InvertedPendulum-v5")
     assert random_return < THRESHOLD / 10
     gin.parse_config(LEARN + [f"Trainer.agent = @{algo}", f"{algo}.rollout_steps = 1024",
                               f"{algo}.minibatch_size = 128", f"{algo}.anneal_lr = False",

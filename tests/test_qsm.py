@@ -9,7 +9,7 @@ from qvpo.agents.qsm import QSM, FourierTimeFeatures, cosine_decay, ddpm_sample
 from qvpo.buffers import Batch
 from qvpo.rng import SeedRNG, init_generators
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import filled_buffers
+from test_qvpo_agent import assert_seed_slices_match, filled_buffers, update_batched_and_alone
 
 SMALL = dict(batch_size=8, actor_hidden=(16, 16), critic_hidden=(16, 16), time_dim=8, time_hidden=(16, 16))
 
@@ -251,17 +251,8 @@ def test_actor_learning_rate_cosine_decay_per_update():
 def test_batched_seeds_match_separate_runs():
     seeds = (2, 3)
     kw = dict(actor_tau=0.05)
-    batched = small(seeds=seeds, **kw)
-    alone = [small(seeds=(s,), **kw) for s in seeds]
-    bufs, singles = filled_buffers(seeds), [filled_buffers((s,)) for s in seeds]
-    for step in range(1, 4):
-        m = batched.update(bufs, step)
-        for a, b in zip(alone, singles):
-            a.update(b, step)
-    for k, a in enumerate(alone):
-        for name in ("actor", "actor_target", "critic", "critic_target"):
-            for p_b, p_a in zip(getattr(batched, name).parameters(), getattr(a, name).parameters()):
-                torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-5)
+    batched, alone, _, _, m, _ = update_batched_and_alone(lambda s: small(seeds=s, **kw), seeds, 3)
+    assert_seed_slices_match(batched, alone, ("actor", "actor_target", "critic", "critic_target"))
     assert m["loss/critic"].shape == (2,) and m["qsm/q_grad_norm"].shape == (2,)
     obs = torch.randn(2, 4, 3)
     batched.begin_evaluation(7)

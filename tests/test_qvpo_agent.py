@@ -42,6 +42,26 @@ def filled_buffers(seeds=(0,), obs_dim=3, act_dim=2, n=64):
     return SeedBuffers(bufs, list(seeds))
 
 
+def update_batched_and_alone(make, seeds, steps):
+    """The same updates for `seeds` trained together in one agent and for each seed alone, each on
+    its own filled buffers. make(seeds) builds an agent; returns (batched agent, agents alone,
+    buffers of the batched agent, buffers alone, last batched metrics, last metrics alone)."""
+    batched, alone = make(tuple(seeds)), [make((s,)) for s in seeds]
+    buffers, singles = filled_buffers(seeds), [filled_buffers((s,)) for s in seeds]
+    for step in range(1, steps + 1):
+        mb = batched.update(buffers, step)
+        ms = [a.update(b, step) for a, b in zip(alone, singles)]
+    return batched, alone, buffers, singles, mb, ms
+
+
+def assert_seed_slices_match(batched, alone, modules, rtol=1e-5, atol=1e-5):
+    """Seed k's slice of every parameter of each named module equals the lone agent k's."""
+    for k, a in enumerate(alone):
+        for name in modules:
+            for p_b, p_a in zip(getattr(batched, name).parameters(), getattr(a, name).parameters()):
+                torch.testing.assert_close(p_b[k], p_a[0], rtol=rtol, atol=atol)
+
+
 def test_policy_loss_gets_best_candidates_qadv_weights_and_entropy_rows(tiny):
     B, Nd, Ne, A = 4, 5, 3, 2
     agent = QVPO(3, A, batch_size=B, train_candidates=Nd, uniform_samples=Ne,
@@ -120,18 +140,9 @@ def test_batched_seeds_match_separate_runs(tiny):
     """N seeds in one agent = N agents of one seed each: same init, noise, buffers, updates."""
     seeds = (3, 4, 5)
     kw = dict(batch_size=8, train_candidates=4, uniform_samples=2, target_candidates=2, grad_clip=0.5)
-    batched = QVPO(3, 2, seeds=seeds, **kw)
-    alone = [QVPO(3, 2, seeds=(s,), **kw) for s in seeds]
-    buffers = filled_buffers(seeds)
-    singles = [filled_buffers((s,)) for s in seeds]
-    for step in range(1, 5):
-        mb = batched.update(buffers, step)
-        ms = [a.update(b, step) for a, b in zip(alone, singles)]
-    for k, a in enumerate(alone):
-        for p_b, p_a in zip(batched.policy.parameters(), a.policy.parameters()):
-            torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-5)
-        for p_b, p_a in zip(batched.critic.parameters(), a.critic.parameters()):
-            torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-5)
+    batched, alone, _, _, mb, ms = update_batched_and_alone(lambda s: QVPO(3, 2, seeds=s, **kw), seeds, 4)
+    assert_seed_slices_match(batched, alone, ("policy", "critic"))
+    for k in range(len(seeds)):
         torch.testing.assert_close(mb["loss/actor"][k], ms[k]["loss/actor"][0], rtol=1e-5, atol=1e-5)
     # the grad clip bound: per-seed norms, not one norm over the stacked parameters
     assert mb["grad/critic_norm"].shape == (3,)

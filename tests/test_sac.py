@@ -6,7 +6,7 @@ from torch.distributions.transforms import TanhTransform
 
 from qvpo.agents.sac import SAC, tanh_gaussian_log_prob
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import filled_buffers
+from test_qvpo_agent import assert_seed_slices_match, update_batched_and_alone
 
 
 def test_tanh_gaussian_log_prob_matches_torch_distributions():
@@ -39,16 +39,9 @@ def test_alpha_loss_hand_computed_and_direction():
 def test_sac_update_and_batched_seeds_match_separate():
     seeds = (2, 3)
     kw = dict(batch_size=8, hidden=(16, 16))
-    batched = SAC(3, 2, seeds=seeds, **kw)
-    alone = [SAC(3, 2, seeds=(s,), **kw) for s in seeds]
-    bufs, singles = filled_buffers(seeds), [filled_buffers((s,)) for s in seeds]
-    for step in range(1, 4):
-        m = batched.update(bufs, step)
-        for a, b in zip(alone, singles):
-            a.update(b, step)
+    batched, alone, _, _, m, _ = update_batched_and_alone(lambda s: SAC(3, 2, seeds=s, **kw), seeds, 3)
+    assert_seed_slices_match(batched, alone, ("actor",))
     for k, a in enumerate(alone):
-        for p_b, p_a in zip(batched.actor.parameters(), a.actor.parameters()):
-            torch.testing.assert_close(p_b[k], p_a[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched.log_alpha[k], a.log_alpha[0])
     assert m["loss/critic"].shape == (2,) and m["entropy/alpha"].shape == (2,)
     obs = torch.randn(2, 4, 3)

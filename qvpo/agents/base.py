@@ -51,15 +51,19 @@ class Agent(abc.ABC):
         explore=True is the behaviour policy (data collection), False the evaluation policy.
         """
 
+    @property
+    def has_q_critic(self) -> bool:
+        """Whether the agent has a twin Q critic (all off-policy agents but Random)."""
+        from qvpo.nets import TwinQ
+
+        return isinstance(getattr(self, "critic", None), TwinQ)
+
     @torch.no_grad()
     def q_estimate(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor | None:
         """min(Q1, Q2)(s, a) of the agent's critic, (N, M) for obs (N, M, S) and actions (N, M, A);
         None for agents without a Q critic (on-policy, random). The trainer compares it with the
         discounted Monte-Carlo return of finished episodes (the `q/overestimation` metric)."""
-        from qvpo.nets import TwinQ
-
-        critic = getattr(self, "critic", None)
-        return critic.q_min(obs, action) if isinstance(critic, TwinQ) else None
+        return self.critic.q_min(obs, action) if self.has_q_critic else None
 
     def observe_episode(self, seed_index: int, metrics: dict[str, float]) -> None:
         """Called by the trainer at each episode end of seed `seed_index` with that episode's
