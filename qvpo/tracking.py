@@ -141,11 +141,25 @@ class MlflowTracker:
                 raise ConfigError(f"cannot reach the MLflow tracking server {self.uri!r}: "
                                   f"{getattr(e, 'reason', e)}") from None
         try:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            return exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            return self._experiment_id()
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
             first = one_line(e)
             raise ConfigError(f"cannot use MLflow tracking store {self.uri!r}: {first}") from None
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # noqa: BLE001
+            # Several runs starting at once on a new experiment (a sweep's workers) all find it
+            # missing and all create it; the store keeps one and refuses the others. The loser
+            # uses the winner's experiment instead of failing.
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start(self, run_name: str, params: dict[str, str], config_str: str,
               tags: dict[str, str]) -> str:

@@ -70,7 +70,7 @@ def test_concurrent_runs_on_one_sqlite_store_lose_nothing(tmp_path):
                                *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for seed in range(4)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert all(p.returncode == 0 for p in procs), [(p.returncode, o[1][-1500:]) for p, o in zip(procs, outs) if p.returncode]
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("many").experiment_id])
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
@@ -78,3 +78,27 @@ def test_concurrent_runs_on_one_sqlite_store_lose_nothing(tmp_path):
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss/critic")) == [200, 300, 400]
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "eval/return_mean")) == [200, 400]
         assert len(client.get_metric_history(r.info.run_id, "train/episode_return")) == 2  # 200-step episodes
+
+
+def test_runs_racing_to_create_one_experiment_share_it(tmp_path):
+    """Sweep workers starting together all find a new experiment missing and all create it; the
+    store refuses every create but the first (a UNIQUE constraint), and the others must use the
+    experiment the first one made instead of failing."""
+    from mlflow.tracking import MlflowClient
+
+    from qvpo.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    winner = MlflowTracker(experiment="race", tracking_uri=uri)
+    loser = MlflowTracker(experiment="race", tracking_uri=uri)
+    client = loser.client._client
+    looks = []
+
+    def look_before_the_winner_creates(name):  # the loser's first look sees no experiment
+        looks.append(name)
+        return None if len(looks) == 1 else MlflowClient.get_experiment_by_name(client, name)
+
+    client.get_experiment_by_name = look_before_the_winner_creates
+    exp_id = winner.check()  # creates "race"
+    assert loser.check() == exp_id and len(looks) == 2  # missing, create refused, looked again
+    assert len(MlflowClient(uri).search_experiments(filter_string="name = 'race'")) == 1
