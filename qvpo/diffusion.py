@@ -13,6 +13,7 @@ import gin
 import torch
 from torch import nn
 
+from qvpo import native
 from qvpo.errors import require, require_int
 from qvpo.nets import Denoiser, make_activation, mish
 from qvpo.rng import SeedRNG
@@ -102,6 +103,25 @@ def denoise_step(x, sp, step_bias, W_a, hidden, c, z, act, clip_x0: bool, dtype)
     return c[2] * x0 + c[3] * x + c[4] * z
 
 
+def denoise_step_native(x, sp, step_bias, W_a, hidden, c, z, clip_x0: bool, bufs):
+    """`denoise_step` with Mish and the first layer in the native kernels (qvpo/native), the
+    hidden matmuls into preallocated buffers: the same maths, for CPU float32.
+
+    sp (N, sb, H): the first layer's state part for the block's states; step_bias (N, H);
+    bufs: one (N, R, width) buffer per layer, reused at every step.
+    """
+    h = native.first_layer_mish(x, W_a, sp, step_bias, out=bufs[0])
+    for j, (w, b) in enumerate(hidden):
+        if j < len(hidden) - 1:
+            h = native.bias_mish(torch.bmm(h, w, out=bufs[j + 1]), b, out=bufs[j + 1])
+        else:
+            h = torch.baddbmm(b, h, w, out=bufs[j + 1])
+    x0 = c[0] * x - c[1] * h
+    if clip_x0:
+        x0 = x0.clamp_(-1.0, 1.0)
+    return c[2] * x0 + c[3] * x + c[4] * z
+
+
 @gin.configurable
 class DiffusionPolicy(nn.Module):
     """A conditional DDPM over actions in [-1, 1]^A, one per seed (leading seed dimension N).
@@ -118,11 +138,15 @@ class DiffusionPolicy(nn.Module):
       compile: torch.compile the denoising step (static shapes, one graph per block shape), which
         fuses Mish and the adds around the matmuls; costs a compilation at the first call of each
         shape. Off by default and in tests.
+      native: on CPU in float32, run the first layer and Mish in the native kernels of
+        qvpo/native (built with the machine's C compiler on first use; torch ops where none
+        works). Same maths; False = torch ops only. Not used with compile or bf16.
     """
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  T: int = 20, schedule: str = "cosine", clip_x0: bool = True,
-                 precision: str = "fp32", block_rows: int | None = None, compile: bool = False):
+                 precision: str = "fp32", block_rows: int | None = None, compile: bool = False,
+                 native: bool = True):
         super().__init__()
         require(precision in ("fp32", "bf16"), f"DiffusionPolicy.precision must be 'fp32' or 'bf16', got {precision!r}")
         if block_rows is not None:
@@ -131,7 +155,7 @@ class DiffusionPolicy(nn.Module):
         self.schedule = NoiseSchedule(T, schedule)
         self.denoiser = Denoiser(state_dim, action_dim, generators)
         self.clip_x0, self.precision, self.block_rows = clip_x0, precision, block_rows
-        self.compile = compile
+        self.compile, self.native = compile, native
 
     @property
     def T(self) -> int:
@@ -169,21 +193,30 @@ class DiffusionPolicy(nn.Module):
         step = self._compiled_step() if self.compile else denoise_step
         act = mish if den.activation == "mish" else make_activation(den.activation)
         randn = rng.randn if rng is not None else (lambda *shape: torch.randn(N, *shape, device=states.device))
+        fused = (self.native and not self.compile and dtype == torch.float32 and den.activation == "mish"
+                 and native.usable(states))
         out = torch.empty(N, B * n, A, device=states.device)
         block_rows = self.block_rows or (2048 if states.device.type == "cpu" else B * n)
         per_block = max(1, block_rows // n)  # states per block
+        widths = [first.weight.shape[-1]] + [w.shape[-1] for w, _ in hidden]
+        bufs = None
         for b0 in range(0, B, per_block):
             b1 = min(B, b0 + per_block)
             r0, r1 = b0 * n, b1 * n
-            sp = state_proj[:, b0:b1, None, :]                               # (N, sb, 1, H)
+            if fused and (bufs is None or bufs[0].shape[1] != r1 - r0):  # allocated once per block shape
+                bufs = [torch.empty(N, r1 - r0, w) for w in widths]
             x = randn(r1 - r0, A) if noise is None else noise[:, 0, r0:r1]
             for i in reversed(range(T)):
                 if i == 0:  # no noise at the last step
                     z = torch.zeros_like(x)
                 else:
                     z = randn(r1 - r0, A) if noise is None else noise[:, T - i, r0:r1]
-                x = step(x, sp, step_bias[:, i, None, None, :], W_a, hidden, coefs[i], z, act,
-                         self.clip_x0, dtype)
+                if fused:
+                    x = denoise_step_native(x.contiguous(), state_proj[:, b0:b1], step_bias[:, i], W_a,
+                                            hidden, coefs[i], z, self.clip_x0, bufs)
+                else:
+                    x = step(x, state_proj[:, b0:b1, None, :], step_bias[:, i, None, None, :], W_a, hidden,
+                             coefs[i], z, act, self.clip_x0, dtype)
             out[:, r0:r1] = x
         return out.clamp_(-1.0, 1.0).view(N, B, n, A)
 

@@ -14,21 +14,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvpo import native
 from qvpo.errors import require
 
 
 def mish(x: torch.Tensor) -> torch.Tensor:
-    """Exact Mish, x * tanh(softplus(x)), written with one exp.
+    """Exact Mish, x * tanh(softplus(x)), the fastest way available for this tensor.
 
-    tanh(log(1 + e^x)) = n / (n + 2) with n = e^x (e^x + 2). On CPU this is 2-3x faster than
-    F.mish on large tensors (see QVPO.md, "Cost"; `make bench` measures both); the clamp only
-    avoids inf for x > 20, where n / (n + 2) == 1 to float32 precision anyway.
+    * under autograd: F.mish (the library's fused backward);
+    * CPU float32 without autograd (the sampler, scoring candidates, acting): the native kernel
+      of qvpo/native, one pass over memory (QVPO.md, "Cost": on CPU torch's Mish costs about as
+      much as the matmul that feeds it);
+    * otherwise the one-exp form: tanh(log(1 + e^x)) = n / (n + 2) with n = e^x (e^x + 2);
+      the clamp only avoids inf for x > 20, where n / (n + 2) == 1 to float32 precision anyway.
+      Small tensors are launch-bound: one library kernel beats five there.
     """
-    if x.numel() < 65536:  # small tensors are launch-bound: one library kernel beats five
+    if x.requires_grad and torch.is_grad_enabled():
+        return F.mish(x)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and native.library() is not None:
+        return native.mish(x)
+    if x.numel() < 65536:
         return F.mish(x)
     e = torch.exp(x.clamp(max=20.0))
     n = e * (e + 2.0)
-    return x * n / (n + 2.0)
+    return x * (n / (n + 2.0))  # not (x n) / (n + 2): x n overflows for huge x
 
 
 class Mish(nn.Module):

@@ -102,10 +102,12 @@ def reference_sample(pol: DiffusionPolicy, states, n, noise):
 
 @pytest.mark.parametrize("block_rows", [2048, 7, 15, 1])  # one block; a state per block; 2 per block; 1
 @pytest.mark.parametrize("seeds", [1, 3])
-def test_sampler_matches_plain_reference(tiny, block_rows, seeds):
-    """The fast sampler (split first layer, cache blocks, in-place Mish) = the plain DDPM loop."""
+@pytest.mark.parametrize("native", [True, False])  # the C kernels of qvpo/native, or torch ops
+def test_sampler_matches_plain_reference(tiny, block_rows, seeds, native):
+    """The fast sampler (split first layer, cache blocks, fused Mish) = the plain DDPM loop."""
     import gin
     gin.bind_parameter("DiffusionPolicy.block_rows", block_rows)
+    gin.bind_parameter("DiffusionPolicy.native", native)
     torch.manual_seed(0)
     pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(seeds))
     states = torch.randn(seeds, 5, 4)

@@ -1,0 +1,168 @@
+"""Native CPU kernels for the diffusion sampler: Mish, and the first layer fused with it.
+
+`sampler.c` is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this
+CPU (-O3 -march=native, OpenMP when the compiler has it) into a per-user cache
+(`$QVPO_CACHE_DIR`, else ~/.cache/qvpo), keyed by the source, the flags, the compiler and the
+CPU, and loaded with ctypes: no build step at install time, and no torch headers. Where no
+compiler works, `library()` returns None with one warning and the sampler uses torch ops (same
+maths, slower). `QVPO_NATIVE=0` turns the kernels off.
+
+Why: on CPU an exact Mish in torch ops is several passes over memory with fresh allocations and
+costs about as much as the matmuls that feed it (shared/paper/QVPO.md, "Cost"); here each
+element is read once and written once while it is in cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from qvpo.errors import one_line
+
+SOURCE = Path(__file__).with_name("sampler.c")
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QVPO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qvpo")
+    return Path(root) / "native"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: a cache shared between machines must not mix them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _flag_sets() -> list[list[str]]:
+    """Flag sets to try, fastest first (a compiler may lack -march=native or OpenMP)."""
+    base = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-math-errno", "-fno-trapping-math"]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    tuned = ["-march=native"] + (["-mprefer-vector-width=512", "-mrecip"] if x86 else [])
+    return [base + tuned + ["-fopenmp"], base + tuned, base]
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH (set $CC)")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    errors = []
+    for flags in _flag_sets():
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                         _cpu_id().encode()])).hexdigest()[:16]
+        target = _cache_dir() / f"sampler-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build to a temporary name, then rename: concurrent sweep workers never load half a file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (no compiler, QVPO_NATIVE=0): callers fall back to torch."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("QVPO_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch ops
+        warnings.warn(f"qvpo: native sampler kernels unavailable ({one_line(e)}); the sampler "
+                      "uses torch ops (same maths, slower on CPU)", RuntimeWarning, stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.qvpo_mish.argtypes = [ptr, ptr, i64, ctypes.c_int]
+    lib.qvpo_mish.restype = None
+    lib.qvpo_first_layer_mish.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_int]
+    lib.qvpo_first_layer_mish.restype = None
+    lib.qvpo_bias_mish.argtypes = [ptr, ptr, ptr] + [i64] * 4 + [ctypes.c_int]
+    lib.qvpo_bias_mish.restype = None
+    _lib = lib
+    return _lib
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernels can take this tensor (CPU, float32) and are built."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:  # a programming error in the caller, never user input
+        raise ValueError(f"qvpo.native: {what}")
+
+
+def mish(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mish of a contiguous CPU float32 tensor into `out` (a new tensor if None; may be x)."""
+    _check(x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu",
+           "mish needs a contiguous CPU float32 tensor")
+    out = torch.empty_like(x) if out is None else out
+    _check(out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype, "mish: bad out")
+    library().qvpo_mish(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return out
+
+
+def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tensor,
+                     step_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = Mish(x @ W_a + state_part[row's state] + step_part), per seed.
+
+    x (N, R, A) contiguous; W_a (N, A, H); state_part (N, S, H) with R = S * rows per state;
+    step_part (N, H); out (N, R, H) contiguous. Each of W_a, state_part, step_part may be a view
+    (any seed stride) whose rows are contiguous.
+    """
+    N, R, A = x.shape
+    H = W_a.shape[-1]
+    S = state_part.shape[1]
+    _check(x.is_contiguous() and out.is_contiguous() and out.shape == (N, R, H), "first_layer_mish: bad x or out")
+    _check(R % S == 0, "first_layer_mish: rows must be a multiple of states")
+    for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
+        _check(t.shape == shape and t.stride(2) == 1 and t.stride(1) == H, f"first_layer_mish: bad {tuple(t.shape)}")
+    _check(step_part.shape == (N, H) and step_part.stride(1) == 1, "first_layer_mish: bad step part")
+    for t in (x, W_a, state_part, step_part, out):
+        _check(t.dtype == torch.float32 and t.device.type == "cpu", "first_layer_mish: CPU float32 only")
+    library().qvpo_first_layer_mish(x.data_ptr(), W_a.data_ptr(), state_part.data_ptr(),
+                                    step_part.data_ptr(), out.data_ptr(), N, R, A, H, R // S,
+                                    W_a.stride(0), state_part.stride(0), step_part.stride(0),
+                                    torch.get_num_threads())
+    return out
+
+
+def bias_mish(x: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = Mish(x + bias), per seed: x (N, R, H) contiguous, bias (N, 1, H) or (N, H) with
+    contiguous rows; out defaults to a new tensor and may be x."""
+    N, R, H = x.shape
+    out = torch.empty_like(x) if out is None else out
+    _check(x.is_contiguous() and out.is_contiguous() and out.shape == x.shape, "bias_mish: bad x or out")
+    _check(bias.shape[0] == N and bias.shape[-1] == H and bias.numel() == N * H and bias.stride(-1) == 1,
+           f"bias_mish: bad bias {tuple(bias.shape)}")
+    for t in (x, bias, out):
+        _check(t.dtype == torch.float32 and t.device.type == "cpu", "bias_mish: CPU float32 only")
+    library().qvpo_bias_mish(x.data_ptr(), bias.data_ptr(), out.data_ptr(), N, R, H, bias.stride(0),
+                             torch.get_num_threads())
+    return out

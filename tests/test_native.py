@@ -1,0 +1,99 @@
+"""The native CPU kernels (qvpo/native): exact Mish and the sampler's fused layers against torch
+in float64, their fallback, and the build that makes them."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvpo import native
+from qvpo.nets import mish
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels fall back to torch")
+
+
+@needs_cc
+def test_kernels_build_on_a_machine_with_a_compiler():
+    # where a compiler exists the sampler must not silently fall back to the slow path
+    assert native.library() is not None
+
+
+@needs_cc
+def test_mish_matches_the_definition_in_float64():
+    x = torch.cat([torch.linspace(-100, 100, 200_001), torch.randn(100_003) * 5,
+                   torch.tensor([-1e30, -88.0, -87.0, -20.0, -1e-3, 0.0, 1e-30, 19.9, 20.0, 20.1, 1e25, 3e38])])
+    ref = x.double() * torch.tanh(F.softplus(x.double()))
+    got = native.mish(x).double()
+    # float32 rounding of a handful of ops: relative 1e-6 where |Mish| >= 1, absolute below
+    assert ((got - ref).abs() / ref.abs().clamp(min=1.0)).max() < 1e-6
+    assert torch.equal(native.mish(x[-3:]), x[-3:])  # large x: Mish(x) = x exactly, no overflow
+    out = native.mish(torch.tensor([float("nan"), float("inf"), 1.0]))
+    assert out[0].isnan() and out[1] == float("inf")  # a NaN is never hidden from the divergence check
+
+
+@needs_cc
+def test_mish_in_place_and_the_module_path_use_the_kernel():
+    x = torch.randn(37, 53)
+    ref = F.mish(x.double()).float()
+    y = x.clone()
+    assert native.mish(y, out=y) is y and torch.allclose(y, ref, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(mish(x), ref, atol=1e-6, rtol=1e-6)
+    w, w_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    mish(w).sum().backward()  # under autograd: F.mish, whose backward gives the gradient
+    F.mish(w_ref).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@needs_cc
+@pytest.mark.parametrize("H", [256, 40, 7])  # vector multiples, a masked tail, less than a vector
+def test_first_layer_and_bias_mish_match_torch(H):
+    g = torch.Generator().manual_seed(0)
+    N, S, n, A = 2, 5, 3, 4
+    x = torch.randn(N, S * n, A, generator=g)
+    W = torch.randn(N, A + 8 + 6, H, generator=g)       # W_a is a view: seed stride (A+8+6) H
+    W_a = W.split([A, 8, 6], dim=1)[0]
+    state_part = torch.randn(N, S + 3, H, generator=g)[:, 3:]  # a slice: seed stride (S + 3) H
+    step_part = torch.randn(N, 7, H, generator=g)[:, 4]  # a step's row: seed stride 7 H
+    out = torch.empty(N, S * n, H)
+    native.first_layer_mish(x, W_a, state_part, step_part, out)
+    pre = (torch.bmm(x.double(), W_a.double()) + state_part.double().repeat_interleave(n, dim=1)
+           + step_part.double()[:, None])
+    torch.testing.assert_close(out.double(), F.mish(pre), rtol=1e-6, atol=1e-6)
+
+    h = torch.randn(N, 11, H, generator=g)
+    bias = torch.randn(N, 1, H, generator=g)
+    torch.testing.assert_close(native.bias_mish(h, bias).double(), F.mish(h.double() + bias.double()),
+                               rtol=1e-6, atol=1e-6)
+    expected = F.mish(h.double() + bias.double())
+    assert native.bias_mish(h, bias, out=h) is h  # in place
+    torch.testing.assert_close(h.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch):
+    from qvpo.diffusion import DiffusionPolicy
+    from qvpo.rng import init_generators
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("QVPO_CACHE_DIR", str(tmp_path))  # no kernel built earlier to find
+    monkeypatch.setenv("CC", "false")                      # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="native sampler kernels unavailable"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every call
+        assert native.library() is None
+        pol = DiffusionPolicy(3, 2, init_generators([0]), T=3)
+        a = pol.sample(torch.randn(1, 4, 3), 5)
+    assert a.shape == (1, 4, 5, 2) and a.abs().max() <= 1
+
+
+def test_qvpo_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("QVPO_NATIVE", "0")
+    assert native.library() is None
+    with torch.no_grad():
+        torch.testing.assert_close(mish(torch.linspace(-5, 5, 101)), F.mish(torch.linspace(-5, 5, 101)))
