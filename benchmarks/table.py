@@ -51,8 +51,9 @@ def main(path: str) -> None:
     print("|---|---|---|---|---|---|---|")
     for b in data["benchmarks"]:
         st, name = b["stats"], b["name"]
-        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_fast_modes[fp32-True]": "fp32",
-               "test_qvpo_update_fast_modes[bf16-False]": "bf16", "test_qvpo_update_fast_modes[bf16-True]": "bf16",
+        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_fast_modes[fp32-False-False]": "fp32",
+               "test_qvpo_update_fast_modes[fp32-True-False]": "fp32",
+               "test_qvpo_update_fast_modes[bf16-False-True]": "bf16", "test_qvpo_update_fast_modes[bf16-True-False]": "bf16",
                "test_qvpo_behaviour_action_kb4": "act_kb4", "test_qvpo_eval_action_k32": "act_k32"}.get(name)
         x_floor = f"{st['median'] / floors[key]:.2f}" if key in floors else ""
         vs_ref = f"{REFERENCE_UPDATE_S / st['median']:.2f}x" if key in ("fp32", "bf16") else ""

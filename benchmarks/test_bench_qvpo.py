@@ -32,17 +32,20 @@ def agent_and_buffer():
 
 def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
     agent, buf = agent_and_buffer
-    benchmark.extra_info["what"] = "one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32, eager"
+    benchmark.extra_info["what"] = "one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32, native kernels (the default)"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("precision,compile", [("fp32", True), ("bf16", False), ("bf16", True)])
-def test_qvpo_update_fast_modes(benchmark, precision, compile):
-    """The opt-in modes: torch.compile of the denoising step, and the bf16 sampler."""
+@pytest.mark.parametrize("precision,compile,native", [("fp32", False, False), ("fp32", True, False),
+                                                      ("bf16", False, True), ("bf16", True, False)])
+def test_qvpo_update_fast_modes(benchmark, precision, compile, native):
+    """The other sampler modes: torch ops only (no native kernels), torch.compile of the denoising
+    step (which uses torch ops), and the bf16 sampler (native kernels, or compiled)."""
     agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
     for pol in (agent.policy, agent.policy_target):
-        pol.precision, pol.compile = precision, compile
-    benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}{' + torch.compile' if compile else ''}"
+        pol.precision, pol.compile, pol.native = precision, compile, native
+    how = "torch.compile" if compile else ("native kernels" if native else "torch ops only")
+    benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}, {how}"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=2)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from qvpo import native
 from qvpo.errors import require, require_int
-from qvpo.nets import Denoiser, make_activation, mish
+from qvpo.nets import Denoiser, make_activation, mish, mish_torch
 from qvpo.rng import SeedRNG
 
 
@@ -103,20 +103,30 @@ def denoise_step(x, sp, step_bias, W_a, hidden, c, z, act, clip_x0: bool, dtype)
     return c[2] * x0 + c[3] * x + c[4] * z
 
 
-def denoise_step_native(x, sp, step_bias, W_a, hidden, c, z, clip_x0: bool, bufs):
+def denoise_step_native(x, sp, step_bias, W_a, hidden, biases32, out_t, c, z, clip_x0: bool, bufs):
     """`denoise_step` with Mish and the first layer in the native kernels (qvpo/native), the
-    hidden matmuls into preallocated buffers: the same maths, for CPU float32.
+    hidden matmuls into preallocated buffers: the same maths, on CPU.
 
     sp (N, sb, H): the first layer's state part for the block's states; step_bias (N, H);
-    bufs: one (N, R, width) buffer per layer, reused at every step.
+    hidden: (weight, bias) of the later layers in the sampler's dtype (float32 or bfloat16);
+    biases32: their biases in float32 (added inside the kernels, which compute in float32);
+    out_t: None, or the output layer's float32 (weight transposed (N, A, H), bias): then the last
+    hidden layer's Mish and the output layer run as one kernel (the activation never goes back to
+    memory); bufs: one (N, R, width) buffer per layer in the sampler's dtype, then a float32
+    (N, R, A) one for the predicted noise, reused at every step.
     """
     h = native.first_layer_mish(x, W_a, sp, step_bias, out=bufs[0])
-    for j, (w, b) in enumerate(hidden):
-        if j < len(hidden) - 1:
-            h = native.bias_mish(torch.bmm(h, w, out=bufs[j + 1]), b, out=bufs[j + 1])
+    eps = None
+    for j, (w, _) in enumerate(hidden[:-1]):
+        pre = torch.bmm(h, w, out=bufs[j + 1])
+        if out_t is not None and j == len(hidden) - 2:
+            eps = native.bias_mish_out(pre, biases32[j], out_t[0], out_t[1], out=bufs[-1])
         else:
-            h = torch.baddbmm(b, h, w, out=bufs[j + 1])
-    x0 = c[0] * x - c[1] * h
+            h = native.bias_mish(pre, biases32[j], out=pre)
+    if eps is None:
+        w, b = hidden[-1]
+        eps = torch.baddbmm(b, h, w, out=bufs[len(hidden)]).float()
+    x0 = c[0] * x - c[1] * eps
     if clip_x0:
         x0 = x0.clamp_(-1.0, 1.0)
     return c[2] * x0 + c[3] * x + c[4] * z
@@ -138,9 +148,10 @@ class DiffusionPolicy(nn.Module):
       compile: torch.compile the denoising step (static shapes, one graph per block shape), which
         fuses Mish and the adds around the matmuls; costs a compilation at the first call of each
         shape. Off by default and in tests.
-      native: on CPU in float32, run the first layer and Mish in the native kernels of
+      native: on CPU, run the first layer and Mish in the native kernels of
         qvpo/native (built with the machine's C compiler on first use; torch ops where none
-        works). Same maths; False = torch ops only. Not used with compile or bf16.
+        works). Same maths; False = torch ops only. With precision='bf16' the kernels compute in
+        float32 and round their outputs to bfloat16 once. Not used with compile.
     """
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
@@ -191,10 +202,14 @@ class DiffusionPolicy(nn.Module):
         # floats for the eager one (no indexing kernels on the hot path)
         coefs = self.schedule.step_coefs if self.compile else self.schedule.step_coef_floats
         step = self._compiled_step() if self.compile else denoise_step
-        act = mish if den.activation == "mish" else make_activation(den.activation)
+        # torch ops only when compiled (a native call would break the graph) or asked to
+        act = ((mish if self.native and not self.compile else mish_torch) if den.activation == "mish"
+               else make_activation(den.activation))
         randn = rng.randn if rng is not None else (lambda *shape: torch.randn(N, *shape, device=states.device))
-        fused = (self.native and not self.compile and dtype == torch.float32 and den.activation == "mish"
-                 and native.usable(states))
+        fused = self.native and not self.compile and den.activation == "mish" and native.usable(states)
+        biases32 = [lin.bias for lin in rest]
+        out_t = ((rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias)
+                 if fused and len(rest) >= 2 and A <= native.MAX_OUT else None)
         out = torch.empty(N, B * n, A, device=states.device)
         block_rows = self.block_rows or (2048 if states.device.type == "cpu" else B * n)
         per_block = max(1, block_rows // n)  # states per block
@@ -204,7 +219,7 @@ class DiffusionPolicy(nn.Module):
             b1 = min(B, b0 + per_block)
             r0, r1 = b0 * n, b1 * n
             if fused and (bufs is None or bufs[0].shape[1] != r1 - r0):  # allocated once per block shape
-                bufs = [torch.empty(N, r1 - r0, w) for w in widths]
+                bufs = [torch.empty(N, r1 - r0, w, dtype=dtype) for w in widths] + [torch.empty(N, r1 - r0, A)]
             x = randn(r1 - r0, A) if noise is None else noise[:, 0, r0:r1]
             for i in reversed(range(T)):
                 if i == 0:  # no noise at the last step
@@ -213,7 +228,7 @@ class DiffusionPolicy(nn.Module):
                     z = randn(r1 - r0, A) if noise is None else noise[:, T - i, r0:r1]
                 if fused:
                     x = denoise_step_native(x.contiguous(), state_proj[:, b0:b1], step_bias[:, i], W_a,
-                                            hidden, coefs[i], z, self.clip_x0, bufs)
+                                            hidden, biases32, out_t, coefs[i], z, self.clip_x0, bufs)
                 else:
                     x = step(x, state_proj[:, b0:b1, None, :], step_bias[:, i, None, None, :], W_a, hidden,
                              coefs[i], z, act, self.clip_x0, dtype)

@@ -35,6 +35,11 @@ def mish(x: torch.Tensor) -> torch.Tensor:
         return native.mish(x)
     if x.numel() < 65536:
         return F.mish(x)
+    return mish_torch(x)
+
+
+def mish_torch(x: torch.Tensor) -> torch.Tensor:
+    """Exact Mish in torch ops with one exp (what torch.compile fuses; no native call inside)."""
     e = torch.exp(x.clamp(max=20.0))
     n = e * (e + 2.0)
     return x * (n / (n + 2.0))  # not (x n) / (n + 2): x n overflows for huge x

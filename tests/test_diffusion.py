@@ -118,6 +118,23 @@ def test_sampler_matches_plain_reference(tiny, block_rows, seeds, native):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [(16,), (24, 16, 20), (40, 40)])  # no hidden matmul; mixed widths; tails
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("A", [3, 1])  # Hopper's actions; Pendulum's single one
+def test_sampler_matches_plain_reference_for_other_depths(tiny, hidden, native, A):
+    """Each kernel arrangement (first layer straight into the output layer; bias+Mish between
+    hidden layers; the last one fused with the output layer) against the plain loop."""
+    import gin
+    gin.bind_parameter("Denoiser.hidden", hidden)
+    gin.bind_parameter("DiffusionPolicy.native", native)
+    torch.manual_seed(1)
+    pol = DiffusionPolicy(state_dim=4, action_dim=A, generators=gens(2))
+    states = torch.randn(2, 6, 4)
+    noise = torch.randn(2, pol.T, 6 * 5, A)
+    torch.testing.assert_close(pol.sample(states, 5, noise=noise), reference_sample(pol, states, 5, noise),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_sampler_close_to_fp32(tiny):
     torch.manual_seed(0)
     pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens())

@@ -72,6 +72,32 @@ def test_first_layer_and_bias_mish_match_torch(H):
     torch.testing.assert_close(h.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@needs_cc
+@pytest.mark.parametrize("H,A", [(256, 3), (40, 17), (7, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_mish_out_is_the_last_hidden_layer_and_the_output_layer(H, A, dtype):
+    g = torch.Generator().manual_seed(1)
+    N, R = 2, 9
+    x = torch.randn(N, R, H, generator=g).to(dtype)
+    bias = torch.randn(N, 1, H, generator=g)
+    W_out = torch.randn(N, H, A, generator=g)
+    b_out = torch.randn(N, 1, A, generator=g)
+    out = torch.empty(N, R, A)
+    native.bias_mish_out(x, bias, W_out.transpose(1, 2).contiguous(), b_out, out)
+    ref = torch.baddbmm(b_out.double(), F.mish(x.double() + bias.double()), W_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * H)  # float32 sums of H terms
+
+
+@needs_cc
+def test_bfloat16_outputs_round_to_nearest_even_like_torch():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(1, 33, 40, generator=g)
+    bias = torch.randn(1, 1, 40, generator=g)
+    got = native.bias_mish(h.bfloat16(), bias, out=torch.empty(1, 33, 40, dtype=torch.bfloat16))
+    # computed in float32 from the bf16 input, rounded once: as torch rounds a float32 result
+    assert torch.equal(got, native.bias_mish(h.bfloat16().float(), bias).bfloat16())
+
+
 def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch):
     from qvpo.diffusion import DiffusionPolicy
     from qvpo.rng import init_generators

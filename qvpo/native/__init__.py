@@ -100,12 +100,17 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qvpo_mish.argtypes = [ptr, ptr, i64, ctypes.c_int]
     lib.qvpo_mish.restype = None
-    lib.qvpo_first_layer_mish.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_int]
+    lib.qvpo_first_layer_mish.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_int] * 2
     lib.qvpo_first_layer_mish.restype = None
-    lib.qvpo_bias_mish.argtypes = [ptr, ptr, ptr] + [i64] * 4 + [ctypes.c_int]
+    lib.qvpo_bias_mish.argtypes = [ptr, ptr, ptr] + [i64] * 4 + [ctypes.c_int] * 2
     lib.qvpo_bias_mish.restype = None
+    lib.qvpo_bias_mish_out.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int] * 2
+    lib.qvpo_bias_mish_out.restype = None
     _lib = lib
     return _lib
+
+
+_OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def usable(t: torch.Tensor) -> bool:
@@ -133,8 +138,9 @@ def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tenso
     """out = Mish(x @ W_a + state_part[row's state] + step_part), per seed.
 
     x (N, R, A) contiguous; W_a (N, A, H); state_part (N, S, H) with R = S * rows per state;
-    step_part (N, H); out (N, R, H) contiguous. Each of W_a, state_part, step_part may be a view
-    (any seed stride) whose rows are contiguous.
+    step_part (N, H); out (N, R, H) contiguous, float32 or bfloat16 (computed in float32,
+    rounded once). Each of W_a, state_part, step_part may be a view (any seed stride) whose rows
+    are contiguous; all but `out` are float32.
     """
     N, R, A = x.shape
     H = W_a.shape[-1]
@@ -142,27 +148,58 @@ def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tenso
     _check(x.is_contiguous() and out.is_contiguous() and out.shape == (N, R, H), "first_layer_mish: bad x or out")
     _check(R % S == 0, "first_layer_mish: rows must be a multiple of states")
     for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
-        _check(t.shape == shape and t.stride(2) == 1 and t.stride(1) == H, f"first_layer_mish: bad {tuple(t.shape)}")
+        _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
+               f"first_layer_mish: bad {tuple(t.shape)}")
     _check(step_part.shape == (N, H) and step_part.stride(1) == 1, "first_layer_mish: bad step part")
-    for t in (x, W_a, state_part, step_part, out):
-        _check(t.dtype == torch.float32 and t.device.type == "cpu", "first_layer_mish: CPU float32 only")
+    for t in (x, W_a, state_part, step_part):
+        _check(t.dtype == torch.float32 and t.device.type == "cpu", "first_layer_mish: CPU float32 inputs only")
+    _check(out.dtype in _OUT_DTYPES and out.device.type == "cpu", "first_layer_mish: out must be CPU float32 or bfloat16")
     library().qvpo_first_layer_mish(x.data_ptr(), W_a.data_ptr(), state_part.data_ptr(),
                                     step_part.data_ptr(), out.data_ptr(), N, R, A, H, R // S,
                                     W_a.stride(0), state_part.stride(0), step_part.stride(0),
-                                    torch.get_num_threads())
+                                    int(out.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
 def bias_mish(x: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out = Mish(x + bias), per seed: x (N, R, H) contiguous, bias (N, 1, H) or (N, H) with
-    contiguous rows; out defaults to a new tensor and may be x."""
+    """out = Mish(x + bias), per seed: x (N, R, H) contiguous, float32 or bfloat16 (then out is
+    too; computed in float32); bias float32 (N, 1, H) or (N, H) with contiguous rows; out
+    defaults to a new tensor and may be x."""
     N, R, H = x.shape
     out = torch.empty_like(x) if out is None else out
     _check(x.is_contiguous() and out.is_contiguous() and out.shape == x.shape, "bias_mish: bad x or out")
     _check(bias.shape[0] == N and bias.shape[-1] == H and bias.numel() == N * H and bias.stride(-1) == 1,
            f"bias_mish: bad bias {tuple(bias.shape)}")
-    for t in (x, bias, out):
-        _check(t.dtype == torch.float32 and t.device.type == "cpu", "bias_mish: CPU float32 only")
+    _check(x.dtype in _OUT_DTYPES and out.dtype == x.dtype and bias.dtype == torch.float32
+           and x.device.type == out.device.type == bias.device.type == "cpu",
+           "bias_mish: CPU x and out both float32 or both bfloat16, bias float32")
     library().qvpo_bias_mish(x.data_ptr(), bias.data_ptr(), out.data_ptr(), N, R, H, bias.stride(0),
-                             torch.get_num_threads())
+                             int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+MAX_OUT = 32  # bias_mish_out keeps one accumulator register per output column
+
+
+def bias_mish_out(x: torch.Tensor, bias: torch.Tensor, W_out_t: torch.Tensor, b_out: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
+    """out = Mish(x + bias) @ W_out_t^T + b_out, per seed, without writing Mish(x + bias).
+
+    x (N, R, H) contiguous, float32 or bfloat16 (computed in float32); bias float32 (N, 1, H) or
+    (N, H); W_out_t float32 (N, A, H) with contiguous rows, A <= MAX_OUT; b_out float32 (N, 1, A)
+    or (N, A); out float32 (N, R, A) contiguous.
+    """
+    N, R, H = x.shape
+    A = W_out_t.shape[1]
+    _check(A <= MAX_OUT and W_out_t.shape == (N, A, H) and W_out_t.stride(2) == 1 and (A == 1 or W_out_t.stride(1) == H),
+           f"bias_mish_out: bad W_out_t {tuple(W_out_t.shape)} (at most {MAX_OUT} outputs)")
+    _check(x.is_contiguous() and x.dtype in _OUT_DTYPES, "bias_mish_out: bad x")
+    _check(out.is_contiguous() and out.shape == (N, R, A) and out.dtype == torch.float32, "bias_mish_out: bad out")
+    _check(bias.numel() == N * H and bias.stride(-1) == 1 and b_out.numel() == N * A and b_out.stride(-1) == 1,
+           "bias_mish_out: bad biases")
+    for t in (x, bias, W_out_t, b_out, out):
+        _check(t.device.type == "cpu" and (t is x or t.dtype == torch.float32), "bias_mish_out: CPU float32 only")
+    library().qvpo_bias_mish_out(x.data_ptr(), bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(),
+                                 out.data_ptr(), N, R, H, A, bias.stride(0), W_out_t.stride(0),
+                                 b_out.stride(0), int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return out

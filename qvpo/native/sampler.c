@@ -38,7 +38,7 @@ static inline float mish1(float x) {
     return x * (n / (n + 2.0f));  /* not (x n) / (n + 2): x n overflows for huge x */
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 /* The same Mish, 16 lanes at a time, with two changes that keep float32 accuracy: 2^k by
  * vscalefps, and the division by a 14-bit reciprocal estimate refined by one Newton step
@@ -64,11 +64,49 @@ static inline __m512 mish16(__m512 x) {
     inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, two));
     return _mm512_mul_ps(x, _mm512_mul_ps(n, inv));  /* n/(n+2) <= 1: no overflow; NaN in x stays NaN */
 }
+
+/* 16 values from float32 or bfloat16 memory (bf16: the top half of a float32), and back
+ * (bf16 rounded to nearest even, as torch rounds). */
+static inline __m512 load16(const void *p, int64_t j, __mmask16 m, int bf16) {
+    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + j);
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + j));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+static inline void store16(void *p, int64_t j, __mmask16 m, __m512 v, int bf16) {
+    if (!bf16) { _mm512_mask_storeu_ps((float *)p + j, m, v); return; }
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    _mm256_mask_storeu_epi16((uint16_t *)p + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+}
 #endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return (uint16_t)(b >> 16);
+}
+
+static inline float get1(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void put1(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(v); else ((float *)p)[i] = v;
+}
 
 /* out[i] = Mish(in[i]); out may be in (in place). */
 void qvpo_mish(const float *in, float *out, int64_t n, int threads) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
     const int64_t chunks = (n + 15) / 16;
     #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n >= 65536)
     for (int64_t c = 0; c < chunks; c++) {
@@ -86,13 +124,14 @@ void qvpo_mish(const float *in, float *out, int64_t n, int threads) {
  *   out[s, r, :] = Mish(x[s, r, :] @ Wa[s] + sp[s, r / rows_per_state, :] + sb[s, :])
  * x (N, R, A) contiguous; Wa (A, H) rows of stride H per seed (seed stride wa_ss); sp the
  * first layer's state part, rows of H (seed stride sp_ss); sb its time part plus bias at this
- * step (seed stride sb_ss); out (N, R, H) contiguous. A is the action dimension (3 to 17 for
- * the MuJoCo tasks), so this small matmul is a few FMAs per output and fuses with the rest. */
+ * step (seed stride sb_ss); out (N, R, H) contiguous, float32 or (out_bf16) bfloat16. A is the
+ * action dimension (3 to 17 for the MuJoCo tasks), so this small matmul is a few FMAs per
+ * output and fuses with the rest. */
 void qvpo_first_layer_mish(const float *restrict x, const float *restrict Wa,
                            const float *restrict sp, const float *restrict sb,
-                           float *restrict out, int64_t N, int64_t R, int64_t A, int64_t H,
+                           void *restrict out, int64_t N, int64_t R, int64_t A, int64_t H,
                            int64_t rows_per_state, int64_t wa_ss, int64_t sp_ss, int64_t sb_ss,
-                           int threads) {
+                           int out_bf16, int threads) {
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1)
     for (int64_t s = 0; s < N; s++) {
         for (int64_t r = 0; r < R; r++) {
@@ -100,47 +139,84 @@ void qvpo_first_layer_mish(const float *restrict x, const float *restrict Wa,
             const float *restrict w = Wa + s * wa_ss;
             const float *restrict spr = sp + s * sp_ss + (r / rows_per_state) * H;
             const float *restrict sbs = sb + s * sb_ss;
-            float *restrict o = out + (s * R + r) * H;
-#if defined(__AVX512F__)
+            const int64_t o = (s * R + r) * H;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
             for (int64_t j = 0; j < H; j += 16) {  /* one output vector stays in a register */
                 const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
                 __m512 acc = _mm512_add_ps(_mm512_maskz_loadu_ps(m, spr + j), _mm512_maskz_loadu_ps(m, sbs + j));
                 for (int64_t k = 0; k < A; k++)
                     acc = _mm512_fmadd_ps(_mm512_set1_ps(xr[k]), _mm512_maskz_loadu_ps(m, w + k * H + j), acc);
-                _mm512_mask_storeu_ps(o + j, m, mish16(acc));
+                store16(out, o + j, m, mish16(acc), out_bf16);
             }
 #else
-            for (int64_t j = 0; j < H; j++) o[j] = spr[j] + sbs[j];
-            for (int64_t k = 0; k < A; k++) {
-                const float xk = xr[k];
-                const float *restrict wk = w + k * H;
-                for (int64_t j = 0; j < H; j++) o[j] += xk * wk[j];
+            for (int64_t j = 0; j < H; j++) {
+                float acc = spr[j] + sbs[j];
+                for (int64_t k = 0; k < A; k++) acc += xr[k] * w[k * H + j];
+                put1(out, o + j, mish1(acc), out_bf16);
             }
-            for (int64_t j = 0; j < H; j++) o[j] = mish1(o[j]);
 #endif
         }
     }
 }
 
 /* out[s, r, :] = Mish(in[s, r, :] + bias[s, :]): a hidden layer's bias and activation after a
- * plain matmul (in, out (N, R, H) contiguous, out may be in; bias rows of H, seed stride
- * bias_ss). Saves the pass that copies the bias into the matmul's output first. */
-void qvpo_bias_mish(const float *in, const float *restrict bias, float *out, int64_t N,
-                    int64_t R, int64_t H, int64_t bias_ss, int threads) {
+ * plain matmul (in, out (N, R, H) contiguous, float32 or (bf16) both bfloat16, out may be in;
+ * bias float32 rows of H, seed stride bias_ss). Saves the pass that copies the bias into the
+ * matmul's output first. */
+void qvpo_bias_mish(const void *in, const float *restrict bias, void *out, int64_t N,
+                    int64_t R, int64_t H, int64_t bias_ss, int bf16, int threads) {
     #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1)
     for (int64_t s = 0; s < N; s++) {
         for (int64_t r = 0; r < R; r++) {
-            const float *src = in + (s * R + r) * H;
+            const int64_t o = (s * R + r) * H;
             const float *restrict b = bias + s * bias_ss;
-            float *dst = out + (s * R + r) * H;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
             for (int64_t j = 0; j < H; j += 16) {
                 const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
-                __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, src + j), _mm512_maskz_loadu_ps(m, b + j));
-                _mm512_mask_storeu_ps(dst + j, m, mish16(v));
+                __m512 v = _mm512_add_ps(load16(in, o + j, m, bf16), _mm512_maskz_loadu_ps(m, b + j));
+                store16(out, o + j, m, mish16(v), bf16);
             }
 #else
-            for (int64_t j = 0; j < H; j++) dst[j] = mish1(src[j] + b[j]);
+            for (int64_t j = 0; j < H; j++) put1(out, o + j, mish1(get1(in, o + j, bf16) + b[j]), bf16);
+#endif
+        }
+    }
+}
+
+/* The last hidden layer's bias and Mish fused with the output layer (H -> A, A <= 32):
+ *   eps[s, r, :] = Mish(in[s, r, :] + bias[s, :]) @ Wt[s]^T + b_out[s, :]
+ * in (N, R, H) contiguous, float32 or (bf16) bfloat16; bias float32 rows of H (seed stride
+ * bias_ss); Wt the output layer's weight transposed, (A, H) per seed, contiguous rows (seed
+ * stride wt_ss); b_out float32 (seed stride bo_ss); eps (N, R, A) float32 contiguous. The
+ * activation never goes back to memory: the output layer, a matmul with 3 to 17 columns, is
+ * memory-bound as a separate GEMM. */
+void qvpo_bias_mish_out(const void *in, const float *restrict bias, const float *restrict Wt,
+                        const float *restrict b_out, float *restrict eps, int64_t N, int64_t R,
+                        int64_t H, int64_t A, int64_t bias_ss, int64_t wt_ss, int64_t bo_ss,
+                        int bf16, int threads) {
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1)
+    for (int64_t s = 0; s < N; s++) {
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t o = (s * R + r) * H;
+            const float *restrict b = bias + s * bias_ss;
+            const float *restrict w = Wt + s * wt_ss;
+            float *restrict e = eps + (s * R + r) * A;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            __m512 acc[32];
+            for (int64_t a = 0; a < A; a++) acc[a] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < H; j += 16) {
+                const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
+                __m512 v = mish16(_mm512_add_ps(load16(in, o + j, m, bf16), _mm512_maskz_loadu_ps(m, b + j)));
+                for (int64_t a = 0; a < A; a++)
+                    acc[a] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, w + a * H + j), acc[a]);
+            }
+            for (int64_t a = 0; a < A; a++) e[a] = _mm512_reduce_add_ps(acc[a]) + b_out[s * bo_ss + a];
+#else
+            for (int64_t a = 0; a < A; a++) e[a] = b_out[s * bo_ss + a];
+            for (int64_t j = 0; j < H; j++) {
+                const float v = mish1(get1(in, o + j, bf16) + b[j]);
+                for (int64_t a = 0; a < A; a++) e[a] += v * w[a * H + j];
+            }
 #endif
         }
     }
