@@ -142,9 +142,10 @@ class DiffusionPolicy(nn.Module):
       clip_x0: clamp the predicted x0 to [-1, 1] at each sampling step (QVPO.md: yes).
       precision: 'fp32', or 'bf16' to run the sampler's hidden layers in bfloat16 (opt-in speed
         mode for CPUs with native bf16 matmul and for GPUs; training stays float32).
-      block_rows: candidate rows per cache block in the sampler (a speed knob; same maths).
-        None = 2048 on CPU (activations of a block stay in L2) and one block on CUDA (there the
-        sampler is launch-bound: fewer, larger kernels win).
+      block_rows: candidate rows per block in the sampler (a speed knob; same maths). None =
+        one block on CUDA (there the sampler is launch-bound: fewer, larger kernels win); on CPU
+        16384 with the native kernels (larger matmuls win) and 2048 with torch ops (a block's
+        activations stay in L2 between their passes).
       compile: torch.compile the denoising step (static shapes, one graph per block shape), which
         fuses Mish and the adds around the matmuls; costs a compilation at the first call of each
         shape. Off by default and in tests.
@@ -211,7 +212,10 @@ class DiffusionPolicy(nn.Module):
         out_t = ((rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias)
                  if fused and len(rest) >= 2 and A <= native.MAX_OUT else None)
         out = torch.empty(N, B * n, A, device=states.device)
-        block_rows = self.block_rows or (2048 if states.device.type == "cpu" else B * n)
+        # default block: all rows on CUDA (launch-bound); on CPU up to 16384 rows with the native
+        # kernels (they fuse the element-wise work, so large matmuls win), 2048 with torch ops
+        # (their several passes over each activation want it in cache); measured in `make bench`
+        block_rows = self.block_rows or (B * n if states.device.type != "cpu" else 16384 if fused else 2048)
         per_block = max(1, block_rows // n)  # states per block
         widths = [first.weight.shape[-1]] + [w.shape[-1] for w, _ in hidden]
         bufs = None

@@ -193,6 +193,47 @@ class TwinQ(nn.Module):
         q1, q2 = self(s, a)
         return torch.minimum(q1, q2)
 
+    @torch.no_grad()
+    def q_min_candidates(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """min(Q1, Q2) of k candidate actions per state, without autograd: s (N, B, S),
+        a (N, B, k, A) -> (N, B, k). Equal to q_min on the states repeated k times; on CPU with
+        the native kernels the first layer's state part W_s s + b is computed once per state,
+        and each network runs as first layer + Mish, matmul + bias + Mish, ..., with the last
+        Mish fused into the output layer."""
+        N, B, k, A = a.shape
+        nets = (self.q1, self.q2)
+        layers = [[m for m in net if isinstance(m, SeedLinear)] for net in nets]
+        if not (isinstance(self.q1[1], Mish) and len(layers[0]) >= 2 and native.usable(a)):
+            return self.q_min(s.repeat_interleave(k, dim=1), a.reshape(N, B * k, A)).view(N, B, k)
+        S = s.shape[-1]
+        rows = a.reshape(N, B * k, A).contiguous()
+        qs = []
+        for lins in layers:
+            first, *rest = lins
+            W_s, W_a = first.weight.split([S, A], dim=1)                 # input is [s, a]
+            h = native.first_layer_mish(rows, W_a, torch.bmm(s, W_s), first.bias[:, 0],
+                                        out=torch.empty(N, B * k, first.out_features))
+            qs.append(_native_tail(h, rest))
+        return torch.minimum(qs[0], qs[1]).view(N, B, k)
+
+
+def _native_tail(h: torch.Tensor, layers: list[SeedLinear]) -> torch.Tensor:
+    """The layers after the first of a Mish MLP, on its first activation h (N, R, H), with the
+    native kernels: matmul, then bias + Mish in one pass; the last Mish fused with the output
+    layer where it is narrow. Returns (N, R) for a one-output network, else (N, R, out)."""
+    N, R, _ = h.shape
+    out_layer = layers[-1]
+    for j, lin in enumerate(layers[:-1]):
+        pre = torch.bmm(h, lin.weight)
+        if j == len(layers) - 2 and out_layer.out_features <= native.MAX_OUT:
+            y = native.bias_mish_out(pre, lin.bias, out_layer.weight.transpose(1, 2).contiguous(),
+                                     out_layer.bias, out=torch.empty(N, R, out_layer.out_features))
+            break
+        h = native.bias_mish(pre, lin.bias, out=pre)
+    else:
+        y = torch.baddbmm(out_layer.bias, h, out_layer.weight)
+    return y.squeeze(-1) if y.shape[-1] == 1 else y
+
 
 def orthogonal_init(net: nn.Sequential, generators: list[torch.Generator], hidden_gain: float,
                     out_gain: float) -> None:

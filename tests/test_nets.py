@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +58,20 @@ def test_denoiser_shapes():
     out = d(torch.randn(2, 7, 2), torch.randint(0, 3, (2, 7)), torch.randn(2, 7, 5), T=3)
     assert out.shape == (2, 7, 2)
     assert d.body[0].in_features == 2 + 8 + 5  # [a_t, time embedding, s]
+
+
+@pytest.mark.parametrize("hidden", [(16, 16), (24,), (20, 16, 12)])
+@pytest.mark.parametrize("A", [3, 1])
+def test_q_min_candidates_equals_q_min_on_repeated_states(hidden, A):
+    """The candidate-scoring path (state part once per state, native kernels where built) gives
+    the Q values of the plain networks."""
+    from qvpo.nets import TwinQ
+    from qvpo.rng import init_generators
+
+    torch.manual_seed(0)
+    critic = TwinQ(5, A, init_generators([0, 1]), hidden=hidden)
+    s, a = torch.randn(2, 7, 5), torch.rand(2, 7, 4, A) * 2 - 1
+    got = critic.q_min_candidates(s, a)
+    want = critic.q_min(s.repeat_interleave(4, dim=1), a.flatten(1, 2)).view(2, 7, 4)
+    assert got.shape == (2, 7, 4) and not got.requires_grad
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)

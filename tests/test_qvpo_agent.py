@@ -21,6 +21,9 @@ class SumCritic:
     def q_min(self, s, a):
         return a.sum(-1)
 
+    def q_min_candidates(self, s, a):  # a (N, B, k, A)
+        return a.sum(-1)
+
 
 def test_best_of_k_picks_the_argmax():
     cands = torch.tensor([[[[0.1, 0.2], [0.9, 0.5], [-1.0, 0.3]],
@@ -75,7 +78,7 @@ def test_policy_loss_gets_best_candidates_qadv_weights_and_entropy_rows(tiny):
         return real_loss(states, actions, weights, rng, **kw)
 
     agent.policy.sample = FixedPolicy(cands).sample  # online policy's candidates
-    agent.critic.q_min = SumCritic().q_min           # Q(s, a) = sum(a), used for selection only
+    agent.critic.q_min_candidates = SumCritic().q_min_candidates  # Q(s, a) = sum(a), for selection only
     agent.policy.loss = spy
     metrics = agent.update(filled_buffers(), step=10)
 

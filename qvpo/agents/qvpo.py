@@ -48,7 +48,7 @@ def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Ten
     if k == 1:
         best, q = candidates[:, :, 0], torch.zeros(N, B, 1, device=states.device)
     else:
-        q = critic.q_min(states.repeat_interleave(k, dim=1), candidates.flatten(1, 2)).view(N, B, k)
+        q = critic.q_min_candidates(states, candidates)  # no autograd: Q only ranks and weights
         best = pick(candidates, q.argmax(dim=-1))
     return (best, q, candidates) if return_candidates else (best, q)
 
