@@ -43,6 +43,27 @@ static inline float mish1(float x) {
 /* The same Mish, 16 lanes at a time, with two changes that keep float32 accuracy: 2^k by
  * vscalefps, and the division by a 14-bit reciprocal estimate refined by one Newton step
  * (relative error ~1e-7; a vdivps would occupy the divider for ~10 cycles per vector). */
+static inline __m512 mish16(__m512 x);
+
+/* For outputs rounded to bfloat16 (relative step 2^-8): the same Mish with a degree-4 exp
+ * polynomial (relative error < 5e-5) and the reciprocal estimate without its Newton step
+ * (< 6.1e-5): both far below the rounding that follows, for 6 fewer instructions of ~26. */
+static inline __m512 mish16_bf16(__m512 x) {
+    const __m512 two = _mm512_set1_ps(2.0f);
+    __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(20.0f));
+    __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693147180559945f), c);
+    __m512 p = _mm512_set1_ps(1.0f / 24.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 e = _mm512_scalef_ps(p, kf);
+    __m512 n = _mm512_mul_ps(e, _mm512_add_ps(e, two));
+    return _mm512_mul_ps(x, _mm512_mul_ps(n, _mm512_rcp14_ps(_mm512_add_ps(n, two))));
+}
+
 static inline __m512 mish16(__m512 x) {
     const __m512 two = _mm512_set1_ps(2.0f);
     __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(20.0f));
@@ -75,6 +96,10 @@ static inline __m512 load16(const void *p, int64_t j, __mmask16 m, int bf16) {
 
 static inline void store16(void *p, int64_t j, __mmask16 m, __m512 v, int bf16) {
     if (!bf16) { _mm512_mask_storeu_ps((float *)p + j, m, v); return; }
+#if defined(__AVX512BF16__)
+    _mm256_mask_storeu_epi16((uint16_t *)p + j, m, (__m256i)_mm512_cvtneps_pbh(v));  /* one vcvtneps2bf16 */
+    return;
+#endif
     __m512i b = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
@@ -146,7 +171,7 @@ void qvpo_first_layer_mish(const float *restrict x, const float *restrict Wa,
                 __m512 acc = _mm512_add_ps(_mm512_maskz_loadu_ps(m, spr + j), _mm512_maskz_loadu_ps(m, sbs + j));
                 for (int64_t k = 0; k < A; k++)
                     acc = _mm512_fmadd_ps(_mm512_set1_ps(xr[k]), _mm512_maskz_loadu_ps(m, w + k * H + j), acc);
-                store16(out, o + j, m, mish16(acc), out_bf16);
+                store16(out, o + j, m, out_bf16 ? mish16_bf16(acc) : mish16(acc), out_bf16);
             }
 #else
             for (int64_t j = 0; j < H; j++) {
@@ -174,7 +199,7 @@ void qvpo_bias_mish(const void *in, const float *restrict bias, void *out, int64
             for (int64_t j = 0; j < H; j += 16) {
                 const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
                 __m512 v = _mm512_add_ps(load16(in, o + j, m, bf16), _mm512_maskz_loadu_ps(m, b + j));
-                store16(out, o + j, m, mish16(v), bf16);
+                store16(out, o + j, m, bf16 ? mish16_bf16(v) : mish16(v), bf16);
             }
 #else
             for (int64_t j = 0; j < H; j++) put1(out, o + j, mish1(get1(in, o + j, bf16) + b[j]), bf16);
@@ -206,7 +231,8 @@ void qvpo_bias_mish_out(const void *in, const float *restrict bias, const float 
             for (int64_t a = 0; a < A; a++) acc[a] = _mm512_setzero_ps();
             for (int64_t j = 0; j < H; j += 16) {
                 const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
-                __m512 v = mish16(_mm512_add_ps(load16(in, o + j, m, bf16), _mm512_maskz_loadu_ps(m, b + j)));
+                __m512 v = _mm512_add_ps(load16(in, o + j, m, bf16), _mm512_maskz_loadu_ps(m, b + j));
+                v = bf16 ? mish16_bf16(v) : mish16(v);  /* bf16 input: bf16-level accuracy is enough */
                 for (int64_t a = 0; a < A; a++)
                     acc[a] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, w + a * H + j), acc[a]);
             }
