@@ -40,37 +40,34 @@ static inline float mish1(float x) {
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-/* The same Mish, 16 lanes at a time, with two changes that keep float32 accuracy: 2^k by
- * vscalefps, and the division by a 14-bit reciprocal estimate refined by one Newton step
- * (relative error ~1e-7; a vdivps would occupy the divider for ~10 cycles per vector). */
-static inline __m512 mish16(__m512 x);
+/* AVX-512: the same Mish 16 lanes at a time. */
 
-/* For outputs rounded to bfloat16 (relative step 2^-8): the same Mish with a degree-4 exp
- * polynomial (relative error < 5e-5) and the reciprocal estimate without its Newton step
- * (< 6.1e-5): both far below the rounding that follows, for 6 fewer instructions of ~26. */
-static inline __m512 mish16_bf16(__m512 x) {
-    const __m512 two = _mm512_set1_ps(2.0f);
+/* x clamped to [-87, 20] = k ln 2 + r with |r| <= ln2 / 2 (Cody-Waite: ln 2 = hi + lo);
+ * returns r and sets *k. */
+static inline __m512 reduce16(__m512 x, __m512 *k) {
     __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(20.0f));
-    __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693147180559945f), c);
-    __m512 p = _mm512_set1_ps(1.0f / 24.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512 e = _mm512_scalef_ps(p, kf);
-    __m512 n = _mm512_mul_ps(e, _mm512_add_ps(e, two));
-    return _mm512_mul_ps(x, _mm512_mul_ps(n, _mm512_rcp14_ps(_mm512_add_ps(n, two))));
+    *k = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(*k, _mm512_set1_ps(0.693145751953125f), c);
+    return _mm512_fnmadd_ps(*k, _mm512_set1_ps(1.428606765330187045e-06f), r);
 }
 
-static inline __m512 mish16(__m512 x) {
+/* Mish from e = e^x: x n / (n + 2), n = e (e + 2), as x (n / (n + 2)) (n / (n + 2) <= 1: no
+ * overflow for huge x; a NaN in x stays NaN). The division is a 14-bit reciprocal estimate,
+ * refined by one Newton step when `refine` (relative error ~1e-7; a vdivps would occupy the
+ * divider for ~10 cycles per vector). */
+static inline __m512 ratio16(__m512 x, __m512 e, int refine) {
     const __m512 two = _mm512_set1_ps(2.0f);
-    __m512 c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(20.0f));
-    __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693145751953125f), c);
-    r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 n = _mm512_mul_ps(e, _mm512_add_ps(e, two));
+    __m512 d = _mm512_add_ps(n, two);
+    __m512 inv = _mm512_rcp14_ps(d);
+    if (refine) inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, two));
+    return _mm512_mul_ps(x, _mm512_mul_ps(n, inv));
+}
+
+/* Exact Mish, 16 lanes: the scalar maths above with e^x = 2^k p(r) by vscalefps. */
+static inline __m512 mish16(__m512 x) {
+    __m512 k, r = reduce16(x, &k);
     __m512 p = _mm512_set1_ps(1.0f / 720.0f);
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
@@ -78,12 +75,20 @@ static inline __m512 mish16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512 e = _mm512_scalef_ps(p, kf);
-    __m512 n = _mm512_mul_ps(e, _mm512_add_ps(e, two));
-    __m512 d = _mm512_add_ps(n, two);
-    __m512 inv = _mm512_rcp14_ps(d);
-    inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, two));
-    return _mm512_mul_ps(x, _mm512_mul_ps(n, inv));  /* n/(n+2) <= 1: no overflow; NaN in x stays NaN */
+    return ratio16(x, _mm512_scalef_ps(p, k), 1);
+}
+
+/* For outputs rounded to bfloat16 (relative step 2^-8): the same Mish with a degree-4 exp
+ * polynomial (relative error < 5e-5) and the reciprocal estimate without its Newton step
+ * (< 6.1e-5): both far below the rounding that follows, for 4 fewer instructions. */
+static inline __m512 mish16_bf16(__m512 x) {
+    __m512 k, r = reduce16(x, &k);
+    __m512 p = _mm512_set1_ps(1.0f / 24.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return ratio16(x, _mm512_scalef_ps(p, k), 0);
 }
 
 /* 16 values from float32 or bfloat16 memory (bf16: the top half of a float32), and back
