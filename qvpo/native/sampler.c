@@ -14,6 +14,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Below this many elements a call runs on one thread: a fork-join costs more than the work,
+ * and far more when processes share the cores (a sweep's workers), as torch's own ops do. */
+#define PARALLEL_MIN 65536
+
 static inline float exp_clamped(float x) {
     float c = x < -87.0f ? -87.0f : (x > 20.0f ? 20.0f : x);
     float kf = __builtin_roundf(c * 1.44269504088896341f);
@@ -138,14 +142,14 @@ static inline void put1(void *p, int64_t i, float v, int bf16) {
 void qvpo_mish(const float *in, float *out, int64_t n, int threads) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const int64_t chunks = (n + 15) / 16;
-    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n >= 65536)
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n >= PARALLEL_MIN)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t i = c * 16;
         const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
         _mm512_mask_storeu_ps(out + i, m, mish16(_mm512_maskz_loadu_ps(m, in + i)));
     }
 #else
-    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n >= 65536)
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n >= PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) out[i] = mish1(in[i]);
 #endif
 }
@@ -162,7 +166,7 @@ void qvpo_first_layer_mish(const float *restrict x, const float *restrict Wa,
                            void *restrict out, int64_t N, int64_t R, int64_t A, int64_t H,
                            int64_t rows_per_state, int64_t wa_ss, int64_t sp_ss, int64_t sb_ss,
                            int out_bf16, int threads) {
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1)
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1 && N * R * H >= PARALLEL_MIN)
     for (int64_t s = 0; s < N; s++) {
         for (int64_t r = 0; r < R; r++) {
             const float *restrict xr = x + (s * R + r) * A;
@@ -195,7 +199,7 @@ void qvpo_first_layer_mish(const float *restrict x, const float *restrict Wa,
  * matmul's output first. */
 void qvpo_bias_mish(const void *in, const float *restrict bias, void *out, int64_t N,
                     int64_t R, int64_t H, int64_t bias_ss, int bf16, int threads) {
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1)
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1 && N * R * H >= PARALLEL_MIN)
     for (int64_t s = 0; s < N; s++) {
         for (int64_t r = 0; r < R; r++) {
             const int64_t o = (s * R + r) * H;
@@ -224,7 +228,7 @@ void qvpo_bias_mish_out(const void *in, const float *restrict bias, const float 
                         const float *restrict b_out, float *restrict eps, int64_t N, int64_t R,
                         int64_t H, int64_t A, int64_t bias_ss, int64_t wt_ss, int64_t bo_ss,
                         int bf16, int threads) {
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1)
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if(threads > 1 && N * R * H >= PARALLEL_MIN)
     for (int64_t s = 0; s < N; s++) {
         for (int64_t r = 0; r < R; r++) {
             const int64_t o = (s * R + r) * H;
