@@ -47,9 +47,9 @@ def _wait_port(port: int, proc, timeout=90):
     raise AssertionError(f"nothing listens on {port}")
 
 
-def _stop(proc):
+def _stop(proc, sig=signal.SIGTERM):
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -90,6 +90,6 @@ def test_sweep_on_a_ray_head_logging_to_an_mlflow_server(tmp_path, capsys):
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "eval/return_mean")) == [150, 300]
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss/critic")) == [200, 300]
     finally:
-        _stop(head)
+        _stop(head, signal.SIGINT)  # `ray start --block` stops on Ctrl-C (it sat out SIGTERM for 30 s)
         _stop(server)
     assert head.poll() is not None and server.poll() is not None
