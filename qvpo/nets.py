@@ -21,17 +21,18 @@ from qvpo.errors import require
 def mish(x: torch.Tensor) -> torch.Tensor:
     """Exact Mish, x * tanh(softplus(x)), the fastest way available for this tensor.
 
-    * under autograd: F.mish (the library's fused backward);
-    * CPU float32 without autograd (the sampler, scoring candidates, acting): the native kernel
-      of qvpo/native, one pass over memory (QVPO.md, "Cost": on CPU torch's Mish costs about as
-      much as the matmul that feeds it);
+    * CPU float32: the native kernels of qvpo/native, one pass over memory (QVPO.md, "Cost": on
+      CPU torch's Mish costs about as much as the matmul that feeds it); under autograd with
+      their backward (first-order gradients);
+    * elsewhere under autograd: F.mish (the library's fused backward);
     * otherwise the one-exp form: tanh(log(1 + e^x)) = n / (n + 2) with n = e^x (e^x + 2);
       the clamp only avoids inf for x > 20, where n / (n + 2) == 1 to float32 precision anyway.
       Small tensors are launch-bound: one library kernel beats five there.
     """
+    cpu32 = x.device.type == "cpu" and x.dtype == torch.float32 and native.library() is not None
     if x.requires_grad and torch.is_grad_enabled():
-        return F.mish(x)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and native.library() is not None:
+        return native.MishFunction.apply(x) if cpu32 else F.mish(x)
+    if cpu32 and x.is_contiguous():
         return native.mish(x)
     if x.numel() < 65536:
         return F.mish(x)

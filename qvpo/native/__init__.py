@@ -100,6 +100,8 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qvpo_mish.argtypes = [ptr, ptr, i64, ctypes.c_int]
     lib.qvpo_mish.restype = None
+    lib.qvpo_mish_backward.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.qvpo_mish_backward.restype = None
     lib.qvpo_first_layer_mish.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_int] * 2
     lib.qvpo_first_layer_mish.restype = None
     lib.qvpo_bias_mish.argtypes = [ptr, ptr, ptr] + [i64] * 4 + [ctypes.c_int] * 2
@@ -131,6 +133,32 @@ def mish(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     _check(out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype, "mish: bad out")
     library().qvpo_mish(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
     return out
+
+
+def mish_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad * Mish'(x) for contiguous CPU float32 tensors of one shape (a new tensor)."""
+    _check(x.is_contiguous() and grad.is_contiguous() and x.shape == grad.shape
+           and x.dtype == grad.dtype == torch.float32 and x.device.type == grad.device.type == "cpu",
+           "mish_backward needs contiguous CPU float32 x and grad of one shape")
+    out = torch.empty_like(x)
+    library().qvpo_mish_backward(x.data_ptr(), grad.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return out
+
+
+class MishFunction(torch.autograd.Function):
+    """Mish with the native forward and backward (CPU float32, first-order gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        return mish(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return mish_backward(x, grad.contiguous())
 
 
 def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tensor,

@@ -138,6 +138,23 @@ static inline void put1(void *p, int64_t i, float v, int bf16) {
     if (bf16) ((uint16_t *)p)[i] = float_to_bf16(v); else ((float *)p)[i] = v;
 }
 
+/* d Mish / dx = t + x sech^2(softplus x) sigmoid(x), with t = n / (n + 2) = tanh(softplus x),
+ * sech^2 = 1 - t^2 = 4 (n + 1) / (n + 2)^2 (written without the cancellation of 1 - t^2) and
+ * sigmoid(x) = e / (1 + e). x is clamped like e^x: beyond 20 the derivative is 1 in float32. */
+static inline float mish_grad1(float x) {
+    float xc = x < -87.0f ? -87.0f : (x > 20.0f ? 20.0f : x);
+    float e = exp_clamped(xc);
+    float n = e * (e + 2.0f);
+    float inv = 1.0f / (n + 2.0f);
+    return n * inv + xc * (4.0f * (n + 1.0f) * inv * inv) * (e / (1.0f + e));
+}
+
+/* out[i] = g[i] * Mish'(x[i]): the backward pass of Mish (training's networks). */
+void qvpo_mish_backward(const float *x, const float *g, float *out, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n >= PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] * mish_grad1(x[i]);
+}
+
 /* out[i] = Mish(in[i]); out may be in (in place). */
 void qvpo_mish(const float *in, float *out, int64_t n, int threads) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
