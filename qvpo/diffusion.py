@@ -187,8 +187,10 @@ class DiffusionPolicy(nn.Module):
         * schedule constants are computed once (NoiseSchedule.step_coefs); Mish is the one-exp form;
         * `precision='bf16'` runs the hidden layers' matmuls and activations in bfloat16 (the
           DDPM update itself stays float32); `compile=True` fuses each step's elementwise work.
-        Noise comes from `rng` (one stream per seed), else torch's global generator; `noise`, if
-        given, is (N, T, B*n, A): the initial x_T, then the noise of steps T-1 .. 1.
+        Noise comes from `rng` (one stream per seed), else torch's global generator, drawn for all
+        rows and steps at once, so the samples of a seed do not depend on `block_rows` or on
+        whether the native kernels run; `noise`, if given, is (N, T, B*n, A): the initial x_T,
+        then the noise of steps T-1 .. 1.
         """
         N, B, S = states.shape
         A, T = self.action_dim, self.T
@@ -206,7 +208,9 @@ class DiffusionPolicy(nn.Module):
         # torch ops only when compiled (a native call would break the graph) or asked to
         act = ((mish if self.native and not self.compile else mish_torch) if den.activation == "mish"
                else make_activation(den.activation))
-        randn = rng.randn if rng is not None else (lambda *shape: torch.randn(N, *shape, device=states.device))
+        if noise is None:  # all of it at once: the same draws whatever the blocking (or kernels)
+            noise = (rng.randn(T, B * n, A) if rng is not None
+                     else torch.randn(N, T, B * n, A, device=states.device))
         fused = self.native and not self.compile and den.activation == "mish" and native.usable(states)
         biases32 = [lin.bias for lin in rest]
         out_t = ((rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias)
@@ -224,12 +228,12 @@ class DiffusionPolicy(nn.Module):
             r0, r1 = b0 * n, b1 * n
             if fused and (bufs is None or bufs[0].shape[1] != r1 - r0):  # allocated once per block shape
                 bufs = [torch.empty(N, r1 - r0, w, dtype=dtype) for w in widths] + [torch.empty(N, r1 - r0, A)]
-            x = randn(r1 - r0, A) if noise is None else noise[:, 0, r0:r1]
+            x = noise[:, 0, r0:r1].contiguous()
             for i in reversed(range(T)):
                 if i == 0:  # no noise at the last step
                     z = torch.zeros_like(x)
                 else:
-                    z = randn(r1 - r0, A) if noise is None else noise[:, T - i, r0:r1]
+                    z = noise[:, T - i, r0:r1]
                 if fused:
                     x = denoise_step_native(x.contiguous(), state_proj[:, b0:b1], step_bias[:, i], W_a,
                                             hidden, biases32, out_t, coefs[i], z, self.clip_x0, bufs)

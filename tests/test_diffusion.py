@@ -176,3 +176,18 @@ def test_compiled_sampler_matches_eager(tiny):
     pol.compile = True
     compiled = pol.sample(states, 5, noise=noise)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_samples_of_a_seed_do_not_depend_on_blocking_or_kernels(tiny):
+    """The noise is drawn for all rows and steps at once: a seed's samples are the same with the
+    native kernels or torch ops and with any block size (so a missing compiler changes speed,
+    not results)."""
+    torch.manual_seed(0)
+    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(2))
+    states = torch.randn(2, 40, 4)
+    runs = []
+    for native, block_rows in [(True, None), (False, None), (True, 7), (False, 64), (True, 100_000)]:
+        pol.native, pol.block_rows = native, block_rows
+        runs.append(pol.sample(states, 8, SeedRNG([0, 1], "cpu")))
+    for other in runs[1:]:
+        torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-5)

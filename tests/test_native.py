@@ -56,6 +56,7 @@ def test_mish_backward_matches_float64_autograd():
     (x64 * torch.tanh(F.softplus(x64)) * g.double()).sum().backward()
     got = native.mish_backward(x, g).double()
     assert torch.isfinite(got).all()
+    assert native.mish_backward(torch.tensor([float("nan")]), torch.ones(1)).isnan().all()
     # float32 rounding of the derivative (|Mish'| <= 1.1): 2e-6 relative to |g| (1 + |x| for tiny slopes)
     assert ((got - x64.grad).abs() <= 2e-6 * g.double().abs() * (1 + x.double().abs().clamp(max=30))).all()
     # through autograd: the module path under training uses this backward
@@ -116,6 +117,28 @@ def test_bfloat16_outputs_are_mish_to_bfloat16_precision():
     assert ((got - ref).abs() <= 2.0 ** -8 * ref.abs() + 1.2e-4 * ref.abs() + 1e-6).all()
     # and the rounding is to nearest, not truncation: errors on both sides, about half an ulp
     assert (got > ref).any() and (got < ref).any()
+
+
+@needs_cc
+def test_wrappers_refuse_layouts_the_kernels_would_misread():
+    x, out = torch.randn(2, 5, 8), torch.empty(2, 5, 3)
+    W_t = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="bad bias"):  # (1, N, H): seed 1's bias would be read past the end
+        native.bias_mish_out(x, torch.randn(1, 2, 8), W_t, torch.randn(2, 1, 3), out)
+    with pytest.raises(ValueError, match="own"):  # out aliasing x (restrict in C)
+        y = torch.randn(2, 5, 8)
+        native.first_layer_mish(y, torch.randn(2, 8, 8), torch.randn(2, 5, 8), torch.randn(2, 8), y)
+
+
+@needs_cc
+def test_a_fresh_build_is_readable_by_others_sharing_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("QVPO_CACHE_DIR", str(tmp_path))
+    assert native.library() is not None
+    built = list((tmp_path / "native").glob("sampler-*.so"))
+    assert len(built) == 1 and built[0].stat().st_mode & 0o444 == 0o444
+    assert not list((tmp_path / "native").glob("*.tmp"))  # no temporary left behind
 
 
 def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -62,29 +63,37 @@ def _flag_sets() -> list[list[str]]:
 
 
 def _build() -> Path:
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler {cc!r} on PATH (set $CC)")
+    cc = shlex.split(os.environ.get("CC", "cc"))  # e.g. CC="ccache gcc"
+    if not cc or shutil.which(cc[0]) is None:
+        raise RuntimeError(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH (set $CC)")
     source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    errors = []
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    targets = []
     for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"sampler-{key}.so"
+        targets.append((flags, _cache_dir() / f"sampler-{key}.so"))
+    for _, target in targets:  # a build made earlier with any flag set: no compiler run at all
         if target.exists():
             return target
+    errors = []
+    for flags, target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         # build to a temporary name, then rename: concurrent sweep workers never load half a file
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
         os.close(fd)
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, target)
-            return target
-        os.unlink(tmp)
-        errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+        try:
+            proc = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode == 0:
+                os.chmod(tmp, 0o755)  # readable by others sharing the cache (mkstemp makes it 0600)
+                os.replace(tmp, target)
+                return target
+            errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cc)} could not build {SOURCE.name}: {errors[-1]}")
 
 
 def library() -> ctypes.CDLL | None:
@@ -134,7 +143,8 @@ def mish(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     _check(x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu",
            "mish needs a contiguous CPU float32 tensor")
     out = torch.empty_like(x) if out is None else out
-    _check(out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype, "mish: bad out")
+    _check(out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device,
+           "mish: bad out")
     library().qvpo_mish(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
     return out
 
@@ -177,7 +187,8 @@ def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tenso
     N, R, A = x.shape
     H = W_a.shape[-1]
     S = state_part.shape[1]
-    _check(x.is_contiguous() and out.is_contiguous() and out.shape == (N, R, H), "first_layer_mish: bad x or out")
+    _check(x.is_contiguous() and out.is_contiguous() and out.shape == (N, R, H) and out.data_ptr() != x.data_ptr(),
+           "first_layer_mish: bad x or out (out must be a tensor of its own)")
     _check(R % S == 0, "first_layer_mish: rows must be a multiple of states")
     for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
         _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
@@ -227,8 +238,9 @@ def bias_mish_out(x: torch.Tensor, bias: torch.Tensor, W_out_t: torch.Tensor, b_
            f"bias_mish_out: bad W_out_t {tuple(W_out_t.shape)} (at most {MAX_OUT} outputs)")
     _check(x.is_contiguous() and x.dtype in _OUT_DTYPES, "bias_mish_out: bad x")
     _check(out.is_contiguous() and out.shape == (N, R, A) and out.dtype == torch.float32, "bias_mish_out: bad out")
-    _check(bias.numel() == N * H and bias.stride(-1) == 1 and b_out.numel() == N * A and b_out.stride(-1) == 1,
-           "bias_mish_out: bad biases")
+    for b, width in ((bias, H), (b_out, A)):
+        _check(b.shape[0] == N and b.shape[-1] == width and b.numel() == N * width and b.stride(-1) == 1,
+               f"bias_mish_out: bad bias {tuple(b.shape)}")
     for t in (x, bias, W_out_t, b_out, out):
         _check(t.device.type == "cpu" and (t is x or t.dtype == torch.float32), "bias_mish_out: CPU float32 only")
     library().qvpo_bias_mish_out(x.data_ptr(), bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(),

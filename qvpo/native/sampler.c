@@ -19,7 +19,7 @@
 #define PARALLEL_MIN 65536
 
 static inline float exp_clamped(float x) {
-    float c = x < -87.0f ? -87.0f : (x > 20.0f ? 20.0f : x);
+    float c = x > -87.0f ? (x < 20.0f ? x : 20.0f) : -87.0f;  /* NaN -> -87: no NaN-to-int below */
     float kf = __builtin_roundf(c * 1.44269504088896341f);
     float r = c - kf * 0.693145751953125f;       /* ln 2 = hi + lo (Cody-Waite) */
     r = r - kf * 1.428606765330187045e-06f;
@@ -142,7 +142,8 @@ static inline void put1(void *p, int64_t i, float v, int bf16) {
  * sech^2 = 1 - t^2 = 4 (n + 1) / (n + 2)^2 (written without the cancellation of 1 - t^2) and
  * sigmoid(x) = e / (1 + e). x is clamped like e^x: beyond 20 the derivative is 1 in float32. */
 static inline float mish_grad1(float x) {
-    float xc = x < -87.0f ? -87.0f : (x > 20.0f ? 20.0f : x);
+    float xc = x > -87.0f ? (x < 20.0f ? x : 20.0f) : -87.0f;
+    if (x != x) return x;  /* NaN stays NaN (the clamp above maps it to -87) */
     float e = exp_clamped(xc);
     float n = e * (e + 2.0f);
     float inv = 1.0f / (n + 2.0f);
