@@ -15,7 +15,7 @@ from torch import nn
 
 from qvpo import native
 from qvpo.errors import require, require_int
-from qvpo.nets import Denoiser, make_activation, mish, mish_torch
+from qvpo.nets import Denoiser, make_activation, mish, mish_torch, native_mlp_tail
 from qvpo.rng import SeedRNG
 
 
@@ -96,7 +96,12 @@ def denoise_step(x, sp, step_bias, W_a, hidden, c, z, act, clip_x0: bool, dtype)
         h = torch.baddbmm(b, h, w)
         if j < len(hidden) - 1:
             h = act(h)
-    eps = h.float()
+    return posterior_step(x, h.float(), c, z, clip_x0)
+
+
+def posterior_step(x, eps, c, z, clip_x0: bool):
+    """x_{t-1} from x_t and the predicted noise: x0 = sqrt(1/ab) x - sqrt(1/ab - 1) eps (clamped
+    to [-1, 1] if clip_x0), then the posterior mean c0 x0 + ct x plus std * z."""
     x0 = c[0] * x - c[1] * eps
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
@@ -108,28 +113,12 @@ def denoise_step_native(x, sp, step_bias, W_a, hidden, biases32, out_t, c, z, cl
     hidden matmuls into preallocated buffers: the same maths, on CPU.
 
     sp (N, sb, H): the first layer's state part for the block's states; step_bias (N, H);
-    hidden: (weight, bias) of the later layers in the sampler's dtype (float32 or bfloat16);
-    biases32: their biases in float32 (added inside the kernels, which compute in float32);
-    out_t: None, or the output layer's float32 (weight transposed (N, A, H), bias): then the last
-    hidden layer's Mish and the output layer run as one kernel (the activation never goes back to
-    memory); bufs: one (N, R, width) buffer per layer in the sampler's dtype, then a float32
-    (N, R, A) one for the predicted noise, reused at every step.
+    hidden, biases32, out_t: the later layers, as `native_mlp_tail` takes them; bufs: one
+    (N, R, width) buffer per layer in the sampler's dtype, then a float32 (N, R, A) one for the
+    predicted noise, reused at every step.
     """
     h = native.first_layer_mish(x, W_a, sp, step_bias, out=bufs[0])
-    eps = None
-    for j, (w, _) in enumerate(hidden[:-1]):
-        pre = torch.bmm(h, w, out=bufs[j + 1])
-        if out_t is not None and j == len(hidden) - 2:
-            eps = native.bias_mish_out(pre, biases32[j], out_t[0], out_t[1], out=bufs[-1])
-        else:
-            h = native.bias_mish(pre, biases32[j], out=pre)
-    if eps is None:
-        w, b = hidden[-1]
-        eps = torch.baddbmm(b, h, w, out=bufs[len(hidden)]).float()
-    x0 = c[0] * x - c[1] * eps
-    if clip_x0:
-        x0 = x0.clamp_(-1.0, 1.0)
-    return c[2] * x0 + c[3] * x + c[4] * z
+    return posterior_step(x, native_mlp_tail(h, hidden, biases32, out_t, bufs[1:]), c, z, clip_x0)
 
 
 @gin.configurable
@@ -213,8 +202,7 @@ class DiffusionPolicy(nn.Module):
                      else torch.randn(N, T, B * n, A, device=states.device))
         fused = self.native and not self.compile and den.activation == "mish" and native.usable(states)
         biases32 = [lin.bias for lin in rest]
-        out_t = ((rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias)
-                 if fused and len(rest) >= 2 and A <= native.MAX_OUT else None)
+        out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if fused and len(rest) >= 2 else None
         out = torch.empty(N, B * n, A, device=states.device)
         # default block: all rows on CUDA (launch-bound); on CPU up to 16384 rows with the native
         # kernels (they fuse the element-wise work, so large matmuls win), 2048 with torch ops
@@ -235,7 +223,7 @@ class DiffusionPolicy(nn.Module):
                 else:
                     z = noise[:, T - i, r0:r1]
                 if fused:
-                    x = denoise_step_native(x.contiguous(), state_proj[:, b0:b1], step_bias[:, i], W_a,
+                    x = denoise_step_native(x, state_proj[:, b0:b1], step_bias[:, i], W_a,
                                             hidden, biases32, out_t, coefs[i], z, self.clip_x0, bufs)
                 else:
                     x = step(x, state_proj[:, b0:b1, None, :], step_bias[:, i, None, None, :], W_a, hidden,

@@ -214,26 +214,35 @@ class TwinQ(nn.Module):
             W_s, W_a = first.weight.split([S, A], dim=1)                 # input is [s, a]
             h = native.first_layer_mish(rows, W_a, torch.bmm(s, W_s), first.bias[:, 0],
                                         out=torch.empty(N, B * k, first.out_features))
-            qs.append(_native_tail(h, rest))
+            out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if len(rest) >= 2 else None
+            q = native_mlp_tail(h, [(lin.weight, lin.bias) for lin in rest], [lin.bias for lin in rest], out_t)
+            qs.append(q.squeeze(-1))
         return torch.minimum(qs[0], qs[1]).view(N, B, k)
 
 
-def _native_tail(h: torch.Tensor, layers: list[SeedLinear]) -> torch.Tensor:
+def native_mlp_tail(h: torch.Tensor, hidden: list[tuple[torch.Tensor, torch.Tensor]],
+                    biases32: list[torch.Tensor], out_t: tuple[torch.Tensor, torch.Tensor] | None,
+                    bufs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The layers after the first of a Mish MLP, on its first activation h (N, R, H), with the
-    native kernels: matmul, then bias + Mish in one pass; the last Mish fused with the output
-    layer where it is narrow. Returns (N, R) for a one-output network, else (N, R, out)."""
+    native kernels: each hidden layer a matmul, then bias + Mish in one pass. Returns the output
+    (N, R, out) in float32.
+
+    hidden: (weight, bias) of the later layers, output layer last, in h's dtype (float32 or
+    bfloat16); biases32: their biases in float32 (the kernels add them in float32); out_t: None,
+    or the output layer's float32 (weight transposed (N, out, H), bias) with out <= MAX_OUT:
+    then the last Mish and the output layer run as one kernel and that activation never goes
+    back to memory; bufs: optional preallocated outputs, one (N, R, width) per later layer in
+    h's dtype, then a float32 (N, R, out) one (the sampler reuses them at every step).
+    """
     N, R, _ = h.shape
-    out_layer = layers[-1]
-    for j, lin in enumerate(layers[:-1]):
-        pre = torch.bmm(h, lin.weight)
-        if j == len(layers) - 2 and out_layer.out_features <= native.MAX_OUT:
-            y = native.bias_mish_out(pre, lin.bias, out_layer.weight.transpose(1, 2).contiguous(),
-                                     out_layer.bias, out=torch.empty(N, R, out_layer.out_features))
-            break
-        h = native.bias_mish(pre, lin.bias, out=pre)
-    else:
-        y = torch.baddbmm(out_layer.bias, h, out_layer.weight)
-    return y.squeeze(-1) if y.shape[-1] == 1 else y
+    new = lambda j, width, dtype: torch.empty(N, R, width, dtype=dtype) if bufs is None else bufs[j]  # noqa: E731
+    for j, (w, _) in enumerate(hidden[:-1]):
+        pre = torch.bmm(h, w, out=new(j, w.shape[-1], h.dtype))
+        if out_t is not None and out_t[0].shape[1] <= native.MAX_OUT and j == len(hidden) - 2:
+            return native.bias_mish_out(pre, biases32[j], out_t[0], out_t[1], out=new(-1, out_t[0].shape[1], torch.float32))
+        h = native.bias_mish(pre, biases32[j], out=pre)
+    w, b = hidden[-1]
+    return torch.baddbmm(b, h, w, out=new(len(hidden) - 1, w.shape[-1], h.dtype)).float()
 
 
 def orthogonal_init(net: nn.Sequential, generators: list[torch.Generator], hidden_gain: float,
