@@ -100,7 +100,7 @@ def test_policy_loss_gets_best_candidates_qadv_weights_and_entropy_rows(tiny):
 
 def test_termination_stops_bootstrap_truncation_does_not(tiny):
     agent = QVPO(3, 2, batch_size=2, target_candidates=2, gamma=0.9)
-    s2 = torch.randn(1, 2, 3)
+    s2 = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(0))  # not the global stream: order-independent
     batch = Batch(obs=torch.zeros(1, 2, 3), action=torch.zeros(1, 2, 2), reward=torch.tensor([[1.0, 1.0]]),
                   next_obs=s2, terminal=torch.tensor([[1.0, 0.0]]))
     state = agent.rng.state_dict()
