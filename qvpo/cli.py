@@ -116,7 +116,7 @@ def train(args: argparse.Namespace) -> int:
     except ConfigError:
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(("checkpoint does not fit this run: " if resumed else "") + config.one_line(e)) from None
+        raise ConfigError(("checkpoint does not fit this run: " if resumed else "") + one_line(e)) from None
     trackers[0].check()
     holding = trainer.checkpoint_every > 0
     for tracker in trackers:
@@ -298,7 +298,7 @@ def sweep(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name!r}: {len(items)} runs in experiment {spec.experiment!r} at {uri}: "
           f"{counts['new']} to start, {counts['resume']} to resume, {counts['skip']} finished")
     for label, table in (("this machine (CPU)", spec.steps_per_s), ("one GPU", spec.gpu_steps_per_s)):
-        hours = sw.estimate_hours(spec, todo, args.workers, table)
+        hours = sw.estimate_hours(todo, args.workers, table)
         if hours is not None:
             when = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
             print(f"  estimate on {label}, {args.workers} at a time: {when} "

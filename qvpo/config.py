@@ -24,7 +24,7 @@ import qvpo.tracking  # noqa: F401
 import qvpo.train  # noqa: F401
 import qvpo.weights  # noqa: F401
 from qvpo.agents import ALGORITHMS
-from qvpo.errors import ConfigError, one_line  # noqa: F401 - one_line: re-exported for the CLI
+from qvpo.errors import ConfigError, one_line
 
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 

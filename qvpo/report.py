@@ -36,6 +36,7 @@ import numpy as np
 
 from qvpo import stats
 from qvpo.errors import ConfigError
+from qvpo.tracking import search_all
 
 EVAL_KEY = "eval/return_mean"
 TRAIN_KEY = "train/episode_return"
@@ -77,6 +78,7 @@ class Run:
     train_steps: np.ndarray = field(repr=False)
     train_values: np.ndarray = field(repr=False)
     metrics: dict = field(default_factory=dict)
+    metric_keys: frozenset = field(default_factory=frozenset, repr=False)  # every metric the run logged
 
 
 def task_name(env_id: str) -> str:
@@ -94,23 +96,12 @@ def _history(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([last[s] for s in sorted(last)], dtype=float)
 
 
-def _search_finished(client, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def load_runs(client, experiment_id: str) -> tuple[list[Run], list[str]]:
     """The experiment's FINISHED training runs and a list of notes on what was left out:
     report runs (tag qvpo.report), runs without algo/env_id tags, and older duplicates of an
     (algo, env_id, seed) triple (the most recently started run is kept)."""
     notes, latest = [], {}
-    for r in _search_finished(client, experiment_id):
+    for r in search_all(client, experiment_id, "attributes.status = 'FINISHED'"):
         tags = r.data.tags
         if tags.get(REPORT_TAG):
             continue
@@ -130,7 +121,7 @@ def load_runs(client, experiment_id: str) -> tuple[list[Run], list[str]]:
         es, ev = _history(client, r.info.run_id, EVAL_KEY)
         ts, tv = _history(client, r.info.run_id, TRAIN_KEY)
         runs.append(Run(r.info.run_id, _label(t), t["env_id"], t.get("seed", ""), r.info.start_time or 0,
-                        t.get("config_hash", ""), es, ev, ts, tv))
+                        t.get("config_hash", ""), es, ev, ts, tv, metric_keys=frozenset(r.data.metrics)))
     runs.sort(key=lambda r: (r.env_id, r.algo, _seed_key(r.seed)))
     return runs, notes
 
@@ -501,8 +492,7 @@ def gradvar_run_rows(client, runs: list[Run]) -> list[dict]:
     `gradvar/<weighting>/<metric>` as the run's mean over its logged steps."""
     rows = []
     for r in runs:
-        keys = client.get_run(r.run_id).data.metrics
-        names = sorted({k.split("/")[1] for k in keys if k.startswith(GRADVAR_PREFIX) and k.count("/") == 2})
+        names = sorted({k.split("/")[1] for k in r.metric_keys if k.startswith(GRADVAR_PREFIX) and k.count("/") == 2})
         for name in names:
             row = {"run_id": r.run_id, "algo": r.algo, "env_id": r.env_id, "seed": r.seed, "weighting": name}
             for m in GRADVAR_METRICS:
@@ -844,12 +834,13 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     report_dir = Path(out_dir) / experiment
     report_dir.mkdir(parents=True, exist_ok=True)
     order = {a: i for i, a in enumerate(_order({a for a, _ in groups}))}
-    task_rank = {t: i for i, t in enumerate(_task_order(tasks, paper))}
+    task_order = _task_order(tasks, paper)
+    task_rank = {t: i for i, t in enumerate(task_order)}
     groups = dict(sorted(groups.items(), key=lambda kv: (task_rank[task_name(kv[0][1])], order[kv[0][0]])))
 
     cells = cell_rows(groups, paper)
     comps = comparison_rows(groups)
-    agg, scores = aggregate_rows(groups, normalisers, _task_order(tasks, paper))
+    agg, scores = aggregate_rows(groups, normalisers, task_order)
 
     _write_csv(report_dir / "runs.csv",
                [{"run_id": r.run_id, "algo": r.algo, "env_id": r.env_id, "seed": r.seed,
@@ -863,7 +854,7 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     (report_dir / "run_ids.txt").write_text("\n".join(r.run_id for r in runs) + "\n")
 
     figures = []
-    for t in _task_order(tasks, paper):
+    for t in task_order:
         name = f"curves_{t}.png"
         plot_learning_curves(groups, random_scores, report_dir / name, t)
         figures.append(name)

@@ -154,10 +154,16 @@ def bootstrap_mean_difference(x, y, confidence: float = CONFIDENCE, n_resamples:
     x, y = _clean(x), _clean(y)
     if not enough(x, y):
         return Interval(np.nan, np.nan, np.nan)
-    r = sps.bootstrap((x, y), _mean_difference, n_resamples=n_resamples, paired=False,
-                      confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
-    ci = r.confidence_interval
-    return Interval(float(_mean_difference(x, y)), float(ci.low), float(ci.high))
+    return _bootstrap_interval((x, y), _mean_difference, float(_mean_difference(x, y)), confidence,
+                               n_resamples, seed, method)
+
+
+def _bootstrap_interval(samples: tuple, statistic, estimate: float, confidence: float, n_resamples: int,
+                        seed: int, method: str = "percentile") -> Interval:
+    """`estimate` with scipy's bootstrap CI of `statistic`, resampling each sample on its own."""
+    ci = sps.bootstrap(samples, statistic, n_resamples=n_resamples, paired=False, confidence_level=confidence,
+                       method=method, rng=np.random.default_rng(seed)).confidence_interval
+    return Interval(estimate, float(ci.low), float(ci.high))
 
 
 def iqm(x) -> float:
@@ -190,9 +196,7 @@ def _stratified(statistic, scores_per_task, confidence, n_resamples, seed) -> In
     estimate = float(statistic(*tasks))
     if not enough(*tasks):
         return Interval(estimate, np.nan, np.nan)
-    r = sps.bootstrap(tuple(tasks), statistic, n_resamples=n_resamples, paired=False,
-                      confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    return Interval(estimate, float(r.confidence_interval.low), float(r.confidence_interval.high))
+    return _bootstrap_interval(tuple(tasks), statistic, estimate, confidence, n_resamples, seed)
 
 
 def iqm_stratified(scores_per_task: Sequence, confidence: float = CONFIDENCE,
@@ -238,9 +242,7 @@ def probability_of_improvement(x_per_task: Sequence, y_per_task: Sequence,
         return np.mean([_improvement(samples[i], samples[k + i], axis) for i in range(k)], axis=0)
 
     estimate = float(statistic(*xs, *ys))
-    r = sps.bootstrap((*xs, *ys), statistic, n_resamples=n_resamples, paired=False,
-                      confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
-    return Interval(estimate, float(r.confidence_interval.low), float(r.confidence_interval.high))
+    return _bootstrap_interval((*xs, *ys), statistic, estimate, confidence, n_resamples, seed)
 
 
 def performance_profile(scores_per_task: Sequence, taus) -> np.ndarray:

@@ -25,6 +25,7 @@ import gin
 from qvpo.config import find_gin_file
 from qvpo.errors import ConfigError, one_line, require, require_int
 from qvpo.envs import check_env_id
+from qvpo.tracking import search_all
 
 # bindings that do not change what a run computes: left out of the config hash
 NOT_HASHED = ("MlflowTracker.", "Trainer.progress", "Trainer.num_threads", "Trainer.sync_timing")
@@ -109,7 +110,7 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
     """The runs of a sweep, with the command line's overrides; checks every name first."""
     from qvpo.agents import ALGORITHMS
 
-    algos = list(algos or (sweep.algos if not sweep.variants or algos else ()))
+    algos = list(algos or (() if sweep.variants else sweep.algos))
     envs = list(envs or sweep.envs)
     steps = sweep.steps if steps is None else steps
     seeds = sweep.seeds if seeds is None else seeds
@@ -152,16 +153,8 @@ def existing_runs(tracking_uri: str, experiment: str) -> dict[str, object]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    out: dict[str, object] = {}
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], "tags.config_hash != ''", max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        for run in page:
-            out[run.data.tags["config_hash"]] = run
-        token = page.token
-        if not token:
-            return out
+    runs = search_all(client, exp.experiment_id, "tags.config_hash != ''", ["attributes.start_time ASC"])
+    return {run.data.tags["config_hash"]: run for run in runs}  # the newest run of a hash wins
 
 
 def plan(runs: list[RunSpec], known: dict) -> list[tuple[RunSpec, str, str | None]]:
@@ -180,7 +173,7 @@ def plan(runs: list[RunSpec], known: dict) -> list[tuple[RunSpec, str, str | Non
     return out
 
 
-def estimate_hours(sweep: Sweep, todo: list[RunSpec], workers: int, table: dict) -> float | None:
+def estimate_hours(todo: list[RunSpec], workers: int, table: dict) -> float | None:
     """Hours for the runs left, from measured steps/s per algorithm, `workers` at a time."""
     rate = lambda r: table.get(r.variant) or table.get(r.algo)  # noqa: E731 - a variant may have its own
     if any(rate(r) is None for r in todo if r.algo != "random"):
@@ -216,11 +209,16 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
             done += 1
             err = proc.stderr.read() if proc.stderr else ""
             results.append((r, proc.returncode))
-            elapsed = time.time() - t0
-            eta = elapsed / done * (total - done)
-            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}): {err.strip()[-300:]}"
-            log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+            _log_progress(log, r, proc.returncode, err.strip()[-300:], done, total, t0)
     return results
+
+
+def _log_progress(log, r: RunSpec, rc: int, err: str, done: int, total: int, t0: float) -> None:
+    """One line per finished run: runs done / total, its status, elapsed time and ETA."""
+    elapsed = time.time() - t0
+    status = "done" if rc == 0 else f"FAILED (exit {rc}): {err}"
+    log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, "
+        f"ETA {elapsed / done * (total - done) / 60:.1f} min")
 
 
 def _command(sweep: Sweep, r: RunSpec, action: str, rid: str | None, tracking_uri: str,
@@ -269,11 +267,7 @@ def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address
             r = pending.pop(ref)
             rc, err = ray.get(ref)
             results.append((r, rc))
-            done, total = len(results), len(todo)
-            elapsed = time.time() - t0
-            status = "done" if rc == 0 else f"FAILED (exit {rc}): {err.strip()}"
-            log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, "
-                f"ETA {elapsed / done * (total - done) / 60:.1f} min")
+            _log_progress(log, r, rc, err.strip(), len(results), len(todo), t0)
     finally:
         ray.shutdown()
     return results
@@ -287,4 +281,4 @@ def load_spec(path: str, bindings: list[str]) -> Sweep:
     try:
         return Sweep()
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"sweep spec {path}: {config.one_line(e)}") from None
+        raise ConfigError(f"sweep spec {path}: {one_line(e)}") from None

@@ -69,6 +69,18 @@ def flat_params() -> dict[str, str]:
     return params
 
 
+def search_all(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None):
+    """Every run of an experiment that matches, across MLflow's result pages (1000 a page)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, order_by=order_by,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 class _RetryOnLock:
     """An MlflowClient whose calls are retried while a sqlite store is locked by another writer
     (sqlite allows one writer at a time; under load a sweep's workers can time out waiting)."""

@@ -390,8 +390,6 @@ class Trainer:
         obs[k] = torch.as_tensor(np.stack(ep_obs[:n]), dtype=torch.float32, device=self.device)
         act[k] = torch.as_tensor(np.stack(ep_act[:n]), dtype=torch.float32, device=self.device)
         q = self.agent.q_estimate(obs, act)
-        if q is None:
-            return {}
         g = discounted_returns(np.asarray(ep_rew), gamma)[:n]
         q_k = q[k].double().cpu().numpy()
         return {"q/overestimation": float(np.mean(q_k - g)), "q/mc_return": float(np.mean(g))}

@@ -59,11 +59,11 @@ class Agent(abc.ABC):
         return isinstance(getattr(self, "critic", None), TwinQ)
 
     @torch.no_grad()
-    def q_estimate(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor | None:
-        """min(Q1, Q2)(s, a) of the agent's critic, (N, M) for obs (N, M, S) and actions (N, M, A);
-        None for agents without a Q critic (on-policy, random). The trainer compares it with the
-        discounted Monte-Carlo return of finished episodes (the `q/overestimation` metric)."""
-        return self.critic.q_min(obs, action) if self.has_q_critic else None
+    def q_estimate(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """min(Q1, Q2)(s, a) of the agent's critic, (N, M) for obs (N, M, S) and actions (N, M, A),
+        for agents with `has_q_critic`. The trainer compares it with the discounted Monte-Carlo
+        return of finished episodes (the `q/overestimation` metric)."""
+        return self.critic.q_min(obs, action)
 
     def observe_episode(self, seed_index: int, metrics: dict[str, float]) -> None:
         """Called by the trainer at each episode end of seed `seed_index` with that episode's

@@ -178,6 +178,8 @@ class QVPO(Agent):
         self.gradient_variance_samples = gradient_variance_samples
         self.gradvar_weightings = (build_weightings(tuple(gradient_variance_weightings), len(self.seeds), self.device)
                                    if gradient_variance_every else {})
+        # the ones with running statistics, which follow training's Q values every update
+        self._gradvar_stateful = [t for t in self.gradvar_weightings.values() if next(t.buffers(), None) is not None]
         self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
 
     # ---------------------------------------------------------------- acting
@@ -234,9 +236,8 @@ class QVPO(Agent):
             if self.behavior_rule is not None:  # Kb from the candidates' Q spread (one host read)
                 self.Kb = self.behavior_rule.observe(q)
             with torch.no_grad():  # the diagnostic's running statistics follow training's Q values
-                for transform in self.gradvar_weightings.values():
-                    if any(True for _ in transform.buffers()):
-                        transform(q)
+                for transform in self._gradvar_stateful:
+                    transform(q)
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
             omega_rows = omega[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
