@@ -80,11 +80,11 @@ def weighting_gradient_variance(agent, buffers: SeedBuffers, weightings: dict[st
     weighting. omega_ent is the agent's entropy_weight at `step`; the draws are seeded by the
     seed and `step`, so two diagnostics at different steps are independent.
     """
-    from qvpo.agents.qvpo import best_of_candidates, pick  # the agent module imports this one
+    from qvpo.agents.qvpo import row_weights  # the agent module imports this one
 
     require_int(K, "QVPO.gradient_variance_samples (K)", 2)
     policy, N, B, A = agent.policy, len(agent.seeds), agent.batch_size, agent.action_dim
-    Ne, Nd = agent.Ne, agent.Nd
+    Ne = agent.Ne
     stream = DIAGNOSTIC_STREAM + 10_007 * int(step)
     rng = SeedRNG(agent.seeds, agent.device, stream)
     gens = [torch.Generator(device=b.device).manual_seed(stream + 5_003 + s)
@@ -101,19 +101,14 @@ def weighting_gradient_variance(agent, buffers: SeedBuffers, weightings: dict[st
     for _ in range(K):
         with torch.no_grad():
             states = buffers.sample(B, gens).obs.to(agent.device)
-            best, q, candidates = best_of_candidates(policy, agent.critic, states, Nd, rng,
-                                                     return_candidates=True)
-            if agent.train_selection == "random":
-                best = pick(candidates, rng.randint(Nd, B))
-            uniform = rng.rand(B * Ne, A) * 2.0 - 1.0
-            loss_states = torch.cat([states, states.repeat_interleave(Ne, dim=1)], dim=1)
-            loss_actions = torch.cat([best, uniform], dim=1)
+            best, q, _ = agent.select_candidates(states, rng)  # the training loss's rows, as update() builds them
+            loss_states, loss_actions = agent.policy_rows(states, best, rng)
             R = loss_actions.shape[1]
             t, eps = rng.randint(policy.T, R), rng.randn(R, A)
         for name, transform in weightings.items():
             with torch.no_grad():
                 w = copy.deepcopy(transform)(q)  # a copy per draw: running statistics untouched
-                weights = torch.cat([w, (omega_rows * w).repeat_interleave(Ne, dim=1)], dim=1)
+                weights = row_weights(w, omega_rows, Ne)
             loss = policy.loss(loss_states, loss_actions, weights, t=t, eps=eps)  # (N,)
             g = torch.autograd.grad(loss.sum(), params)  # seeds' parameters are disjoint slices
             grads[name].append(torch.cat([gi.reshape(N, -1) for gi in g], dim=1))

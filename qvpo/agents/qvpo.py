@@ -53,6 +53,12 @@ def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Ten
     return (best, q, candidates) if return_candidates else (best, q)
 
 
+def row_weights(w: torch.Tensor, omega_rows, Ne: int) -> torch.Tensor:
+    """Weights of `QVPO.policy_rows`: w (N, B) for the chosen rows, omega_ent * w for each
+    state's Ne uniform rows -> (N, B + B * Ne)."""
+    return torch.cat([w, (omega_rows * w).repeat_interleave(Ne, dim=1)], dim=1)
+
+
 def pick(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """candidates (N, B, k, A), index (N, B) in [0, k) -> the indexed candidate of each state (N, B, A)."""
     return torch.gather(candidates, 2, index[..., None, None].expand(-1, -1, 1, candidates.shape[-1]))[:, :, 0]
@@ -219,12 +225,8 @@ class QVPO(Agent):
 
         # 2. Nd candidates per state of a fresh minibatch, scored by the updated critic
         states = batch.obs if self.shared_batch else buffers.sample(self.batch_size).obs
-        B, A = states.shape[1], self.action_dim
         with timer.phase("sampling"):
-            best_action, q, candidates = best_of_candidates(self.policy, self.critic, states, self.Nd,
-                                                            self.rng, return_candidates=True)
-            if self.train_selection == "random":  # component isolation: no selection by Q
-                best_action = pick(candidates, self.rng.randint(self.Nd, B))
+            best_action, q, candidates = self.select_candidates(states, self.rng)
         entropy = None
         if self.estimate_entropy:
             with timer.phase("entropy"):  # (N, B, Nd, A) -> (N, B) -> (N,): per seed, never mixed
@@ -241,11 +243,9 @@ class QVPO(Agent):
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
             omega_rows = omega[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
-            uniform = self.rng.rand(B * self.Ne, A) * 2.0 - 1.0
             # 5. one weighted denoising loss over both blocks (mean over all B + B*Ne rows)
-            loss_states = torch.cat([states, states.repeat_interleave(self.Ne, dim=1)], dim=1)
-            loss_actions = torch.cat([best_action, uniform], dim=1)
-            loss_weights = torch.cat([w, (omega_rows * w).repeat_interleave(self.Ne, dim=1)], dim=1)
+            loss_states, loss_actions = self.policy_rows(states, best_action, self.rng)
+            loss_weights = row_weights(w, omega_rows, self.Ne)
             policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights, self.rng)  # (N,)
             self.policy_opt.zero_grad(set_to_none=True)
             policy_loss.sum().backward()
@@ -277,6 +277,24 @@ class QVPO(Agent):
                 metrics.update(weighting_gradient_variance(self, buffers, self.gradvar_weightings,
                                                            self.gradient_variance_samples, step))
         return metrics
+
+    def select_candidates(self, states: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, ...]:
+        """Nd candidates per state scored by the critic: (chosen (N, B, A), Q (N, B, Nd),
+        candidates (N, B, Nd, A)); the chosen one is the best by Q, or a random one with
+        train_selection = 'random' (component isolation: no selection by Q)."""
+        best, q, candidates = best_of_candidates(self.policy, self.critic, states, self.Nd, rng,
+                                                 return_candidates=True)
+        if self.train_selection == "random":
+            best = pick(candidates, rng.randint(self.Nd, states.shape[1]))
+        return best, q, candidates
+
+    def policy_rows(self, states: torch.Tensor, chosen: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the weighted denoising loss, (states, actions): each state's chosen
+        candidate, then Ne actions per state uniform on [-1, 1]^A (the entropy term)."""
+        B, A = states.shape[1], self.action_dim
+        uniform = rng.rand(B * self.Ne, A) * 2.0 - 1.0
+        return (torch.cat([states, states.repeat_interleave(self.Ne, dim=1)], dim=1),
+                torch.cat([chosen, uniform], dim=1))
 
     def observe_episode(self, seed_index: int, metrics: dict[str, float]) -> None:
         """Adaptive Kt: the trainer's measured overestimation of each finished episode."""
