@@ -40,23 +40,31 @@ def main(path: str) -> None:
             samp = {k: v for k, v in costs.items() if k.startswith("sampling")}
             rest = {k: v for k, v in costs.items() if not k.startswith("sampling")}
             floors["bf16"] = floor_seconds(samp, bf16, exp_s) + floor_seconds(rest, fp32, exp_s)
+            # with TwinQ.scoring_precision = 'bf16' the candidates' scoring too
+            score = {k: v for k, v in rest.items() if k.startswith("scoring")}
+            train = {k: v for k, v in rest.items() if not k.startswith("scoring")}
+            floors["bf16_score"] = (floor_seconds({**samp, **score}, bf16, exp_s)
+                                    + floor_seconds(train, fp32, exp_s))
             lines[0] += f", bf16 {bf16 / 1e9:.0f} GFLOP/s"
         lines.append(f"- one exp pass: {exp_s * 1e9:.3f} ns per element")
         total = sum(f for f, _ in update_costs(s).values())
         lines.append(f"- one QVPO update at the paper's settings: {total / 1e9:.1f} GFLOP; floor "
-                     f"{floors['fp32']:.3f} s in fp32" + (f", {floors['bf16']:.3f} s with a bf16 sampler" if "bf16" in floors else ""))
+                     f"{floors['fp32']:.3f} s in fp32" + (f", {floors['bf16']:.3f} s with a bf16 sampler, {floors['bf16_score']:.3f} s "
+                     "with bf16 sampling and scoring" if "bf16" in floors else ""))
         print("\n".join(lines) + "\n")
 
     print("| benchmark | what | median | mean | rounds | x floor | reference / this |")
     print("|---|---|---|---|---|---|---|")
     for b in data["benchmarks"]:
         st, name = b["stats"], b["name"]
-        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_fast_modes[fp32-False-False]": "fp32",
-               "test_qvpo_update_fast_modes[fp32-True-False]": "fp32",
-               "test_qvpo_update_fast_modes[bf16-False-True]": "bf16", "test_qvpo_update_fast_modes[bf16-True-False]": "bf16",
+        key = {"test_qvpo_update_paper_settings": "fp32", "test_qvpo_update_fast_modes[fp32-False-False-fp32]": "fp32",
+               "test_qvpo_update_fast_modes[fp32-True-False-fp32]": "fp32",
+               "test_qvpo_update_fast_modes[bf16-False-True-fp32]": "bf16",
+               "test_qvpo_update_fast_modes[bf16-False-True-bf16]": "bf16_score",
+               "test_qvpo_update_fast_modes[bf16-True-False-fp32]": "bf16",
                "test_qvpo_behaviour_action_kb4": "act_kb4", "test_qvpo_eval_action_k32": "act_k32"}.get(name)
         x_floor = f"{st['median'] / floors[key]:.2f}" if key in floors else ""
-        vs_ref = f"{REFERENCE_UPDATE_S / st['median']:.2f}x" if key in ("fp32", "bf16") else ""
+        vs_ref = f"{REFERENCE_UPDATE_S / st['median']:.2f}x" if key in ("fp32", "bf16", "bf16_score") else ""
         print(f"| {name} | {b.get('extra_info', {}).get('what', '')} | {fmt(st['median'])} | "
               f"{fmt(st['mean'])} | {st['rounds']} | {x_floor} | {vs_ref} |")
 

@@ -36,16 +36,20 @@ def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("precision,compile,native", [("fp32", False, False), ("fp32", True, False),
-                                                      ("bf16", False, True), ("bf16", True, False)])
-def test_qvpo_update_fast_modes(benchmark, precision, compile, native):
+@pytest.mark.parametrize("precision,compile,native,scoring", [
+    ("fp32", False, False, "fp32"), ("fp32", True, False, "fp32"),
+    ("bf16", False, True, "fp32"), ("bf16", False, True, "bf16"), ("bf16", True, False, "fp32")])
+def test_qvpo_update_fast_modes(benchmark, precision, compile, native, scoring):
     """The other sampler modes: torch ops only (no native kernels), torch.compile of the denoising
-    step (which uses torch ops), and the bf16 sampler (native kernels, or compiled)."""
+    step (which uses torch ops), and the bf16 sampler (native kernels: on AMX CPUs the whole-chain
+    AMX sampler; or compiled), with candidate scoring in fp32 or bf16 (TwinQ.scoring_precision)."""
     agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
     for pol in (agent.policy, agent.policy_target):
         pol.precision, pol.compile, pol.native = precision, compile, native
+    for critic in (agent.critic, agent.critic_target):
+        critic.scoring_precision = scoring
     how = "torch.compile" if compile else ("native kernels" if native else "torch ops only")
-    benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}, {how}"
+    benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}, {how}, scoring {scoring}"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=2)
 
 

@@ -175,9 +175,15 @@ class TwinQ(nn.Module):
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256 Mish
-                 activation: str = "mish", init: str | None = None):
-        """init: an init_linear scheme for these networks (None = init_linear's gin default)."""
+                 activation: str = "mish", init: str | None = None, scoring_precision: str = "fp32"):
+        """init: an init_linear scheme for these networks (None = init_linear's gin default).
+        scoring_precision: 'fp32', or 'bf16' to score sampled candidates (`q_min_candidates`)
+        with bfloat16 matmuls (opt-in speed mode, the critic's counterpart of
+        DiffusionPolicy.precision = 'bf16'; the critic's training and TD targets stay float32)."""
         super().__init__()
+        require(scoring_precision in ("fp32", "bf16"),
+                f"TwinQ.scoring_precision must be 'fp32' or 'bf16', got {scoring_precision!r}")
+        self.scoring_precision = scoring_precision
         require(len(hidden) >= 1 and all(h >= 1 for h in hidden),
                 f"TwinQ.hidden must be a non-empty tuple of positive widths, got {hidden}")
         N = len(generators)
@@ -200,22 +206,29 @@ class TwinQ(nn.Module):
         a (N, B, k, A) -> (N, B, k). Equal to q_min on the states repeated k times; on CPU with
         the native kernels the first layer's state part W_s s + b is computed once per state,
         and each network runs as first layer + Mish, matmul + bias + Mish, ..., with the last
-        Mish fused into the output layer."""
+        Mish fused into the output layer. With scoring_precision = 'bf16' the hidden matmuls
+        run in bfloat16 (the native kernels add biases and compute Mish in float32, rounding
+        once; elsewhere torch.autocast)."""
         N, B, k, A = a.shape
         nets = (self.q1, self.q2)
         layers = [[m for m in net if isinstance(m, SeedLinear)] for net in nets]
+        bf16 = self.scoring_precision == "bf16"
         if not (isinstance(self.q1[1], Mish) and B * k > 0 and native.usable(a)):
-            return self.q_min(s.repeat_interleave(k, dim=1), a.reshape(N, B * k, A)).view(N, B, k)
+            with torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=bf16):
+                q = self.q_min(s.repeat_interleave(k, dim=1), a.reshape(N, B * k, A))
+            return q.float().view(N, B, k)
         S = s.shape[-1]
         rows = a.reshape(N, B * k, A).contiguous()
+        dtype = torch.bfloat16 if bf16 else torch.float32
         qs = []
         for lins in layers:
             first, *rest = lins
             W_s, W_a = first.weight.split([S, A], dim=1)                 # input is [s, a]
             h = native.first_layer_mish(rows, W_a, torch.bmm(s, W_s), first.bias[:, 0],
-                                        out=torch.empty(N, B * k, first.out_features))
+                                        out=torch.empty(N, B * k, first.out_features, dtype=dtype))
             out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if len(rest) >= 2 else None
-            q = native_mlp_tail(h, [(lin.weight, lin.bias) for lin in rest], [lin.bias for lin in rest], out_t)
+            hidden = [(lin.weight.to(dtype), lin.bias.to(dtype)) for lin in rest]
+            q = native_mlp_tail(h, hidden, [lin.bias for lin in rest], out_t)
             qs.append(q.squeeze(-1))
         return torch.minimum(qs[0], qs[1]).view(N, B, k)
 

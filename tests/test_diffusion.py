@@ -191,3 +191,57 @@ def test_samples_of_a_seed_do_not_depend_on_blocking_or_kernels(tiny):
         runs.append(pol.sample(states, 8, SeedRNG([0, 1], "cpu")))
     for other in runs[1:]:
         torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-5)
+
+
+amx = pytest.mark.skipif(not __import__("qvpo.native", fromlist=["x"]).amx_usable(),
+                         reason="needs a CPU with AMX-BF16 (and the native kernels)")
+
+
+@amx
+@pytest.mark.parametrize("hidden,A,seeds,threads", [((64, 64, 64), 3, 2, 1), ((32, 32), 1, 1, 2),
+                                                    ((32, 32, 32, 32), 6, 1, 2)])
+def test_amx_sampler_matches_bf16_and_plain_sampler(tiny, monkeypatch, hidden, A, seeds, threads):
+    """The whole-chain AMX sampler (bf16 on CPUs with AMX): one or three AMX layers, row counts
+    that are not a multiple of its 32-row blocks, several seeds, one or two threads; against
+    the bf16 sampler in torch matmuls + kernels (same rounding points but for the matmul's own
+    bf16 rounding) and the plain float32 loop."""
+    from qvpo import native
+    import gin
+    gin.bind_parameter("Denoiser.hidden", hidden)
+    calls = []
+    real = native.sample_bf16_amx
+    monkeypatch.setattr(native, "sample_bf16_amx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(2)
+    pol = DiffusionPolicy(state_dim=5, action_dim=A, generators=gens(seeds), precision="bf16")
+    states = torch.randn(seeds, 7, 5)
+    noise = torch.randn(seeds, pol.T, 7 * 9, A)  # 63 rows: one full block, one of 31
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = pol.sample(states, 9, noise=noise)
+    finally:
+        torch.set_num_threads(old)
+    assert calls == [1]  # it did run
+    pol.amx = False
+    unfused = pol.sample(states, 9, noise=noise)
+    assert calls == [1]
+    plain = reference_sample(pol, states, 9, noise)
+    assert fused.shape == (seeds, 7, 9, A) and fused.abs().max() <= 1.0
+    # bf16 rounding gives differences of a few 1e-4 here; a 2% error in one posterior
+    # coefficient gives 1.3e-2
+    assert (fused - unfused).abs().max() < 2e-3 and (fused - plain).abs().max() < 2e-3
+    assert (fused - plain).abs().max() > 0  # bf16 did run
+
+
+@amx
+def test_amx_sampler_leaves_unsupported_widths_to_the_other_path(tiny, monkeypatch):
+    """Widths the AMX kernel does not take (not a multiple of 32, unequal) fall back to the
+    bf16 sampler in torch matmuls + kernels, with the same result as without AMX."""
+    from qvpo import native
+    import gin
+    gin.bind_parameter("Denoiser.hidden", (40, 40))
+    monkeypatch.setattr(native, "sample_bf16_amx", lambda *a, **k: pytest.fail("AMX path taken"))
+    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(), precision="bf16")
+    states, noise = torch.randn(1, 3, 4), torch.randn(1, pol.T, 3 * 4, 2)
+    torch.testing.assert_close(pol.sample(states, 4, noise=noise), reference_sample(pol, states, 4, noise),
+                               rtol=0, atol=0.05)

@@ -11,7 +11,9 @@
  * below 4e-7). e^x is clamped to x in [-87, 20]: for x > 20, n / (n + 2) is 1 in float32; for
  * x < -87, |Mish(x)| < 1e-35. NaN inputs give NaN outputs.
  */
+#define _GNU_SOURCE  /* syscall() for the AMX permission request */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Below this many elements a call runs on one thread: a fork-join costs more than the work,
@@ -273,4 +275,193 @@ void qvpo_bias_mish_out(const void *in, const float *restrict bias, const float 
 #endif
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The whole bf16 sampler on AMX: every denoising step of a block of 32 chains in one call.
+ *
+ * Why: with the hidden matmuls in bfloat16 on AMX, PyTorch's matmul and the element-wise kernels
+ * above are separate passes over each activation (16384 x 256 per layer and step), and the
+ * element-wise passes cost more than the matmuls. Here a block of 32 rows runs through all T
+ * steps with its activations in L1/L2: the first layer and Mish (as qvpo_first_layer_mish), each
+ * hidden layer as AMX tiles (bf16 products, float32 accumulation) whose 32 x 32 results get bias
+ * and Mish while in L1, the output layer, and the DDPM posterior step. One call per sampler call;
+ * OpenMP over blocks, so the two cores never wait for each other between steps.
+ *
+ * The maths is the sampler's (qvpo/diffusion.py: denoise_step + posterior_step) with the same
+ * rounding points as the bf16 path in torch ops: the first layer and every hidden Mish output
+ * rounded to bfloat16 once; bias, Mish, the output layer and the DDPM update in float32. One
+ * difference: the matmul's float32 sum is not rounded to bfloat16 before the bias is added.
+ */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QVPO_AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define AMX_ROWS 32   /* rows per block: two 16-row A tiles */
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3 = A (32 x K bf16, row stride K) @ B[:, n0:n0 + 32], B packed as (K/2, Nout, 2)
+ * bf16 (AMX's VNNI layout: each 32-bit element of a B-tile row holds two consecutive k). Tiles:
+ * 0-3 the result (rows x cols: 0-15 x 0-15, 0-15 x 16-31, 16-31 x 0-15, 16-31 x 16-31), 4-5 A
+ * (rows 0-15 and 16-31), 6-7 B (cols 0-15 and 16-31). */
+static inline void amx_32x32(const uint16_t *A, const uint16_t *B, int64_t K, int64_t Nout, int64_t n0) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        _tile_loadd(4, A + k0, K * 2);
+        _tile_loadd(5, A + 16 * K + k0, K * 2);
+        _tile_loadd(6, B + ((k0 / 2) * Nout + n0) * 2, Nout * 4);
+        _tile_loadd(7, B + ((k0 / 2) * Nout + n0 + 16) * 2, Nout * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+/* The result tiles into C (32 x 32 float32, row stride 32). */
+static inline void amx_store_32x32(float *C) {
+    _tile_stored(0, C, 128);
+    _tile_stored(1, C + 16, 128);
+    _tile_stored(2, C + 16 * 32, 128);
+    _tile_stored(3, C + 16 * 32 + 16, 128);
+}
+
+static int amx_permitted = -1;
+
+/* 1 if this process may use AMX tiles (Linux asks for it once per process), else 0. */
+int qvpo_amx_init(void) {
+    if (amx_permitted < 0)
+        amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_permitted;
+}
+#else
+int qvpo_amx_init(void) { return 0; }
+#endif
+
+/* x_0 of R chains per seed, T denoising steps, returns 0 (or -1 where AMX is unavailable).
+ *   noise (N, T, R, A) float32: x_T, then the noise of steps T-1 .. 1;
+ *   sp (N, S, H): the first layer's state part, row r uses state r / rows_per_state (seed stride sp_ss);
+ *   sb (N, T, H): its time part plus bias at each step, contiguous;
+ *   Wa (N, A, H): its action part, rows of H (seed stride wa_ss);
+ *   Wp (N, L, H/2, H, 2) bf16: the L hidden H x H layers in AMX's layout, contiguous;
+ *   bias (N, L, H); Wt (N, A, H): the output layer transposed; b_out (N, A); coefs (T, 5): per
+ *   step sqrt(1/ab), sqrt(1/ab - 1), posterior c0, ct, std;
+ *   out (N, R, A): x_0 before the final clamp. H a multiple of 32, at most 1024; A at most 32. */
+int qvpo_sample_bf16_amx(const float *noise, const float *sp, const float *sb, const float *Wa,
+                         const uint16_t *Wp, const float *bias, const float *Wt, const float *b_out,
+                         const float *coefs, float *out, int64_t N, int64_t T, int64_t R,
+                         int64_t A, int64_t H, int64_t L, int64_t rows_per_state, int64_t sp_ss,
+                         int64_t wa_ss, int clip_x0, int threads) {
+#ifdef QVPO_AMX
+    if (!qvpo_amx_init() || H % 32 || H > 1024 || A > 32 || A < 1) return -1;
+    const int64_t blocks = (R + AMX_ROWS - 1) / AMX_ROWS;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+        uint16_t *h0 = aligned_alloc(64, AMX_ROWS * H * 2), *h1 = aligned_alloc(64, AMX_ROWS * H * 2);
+        float *hf = aligned_alloc(64, AMX_ROWS * H * 4);
+        float C[2][AMX_ROWS * 32] __attribute__((aligned(64)));  /* two: see the pipelining below */
+        float x[AMX_ROWS * 32], eps[AMX_ROWS * 32];
+        if (!h0 || !h1 || !hf) {
+            #pragma omp atomic write
+            failed = 1;
+        } else {
+            #pragma omp for schedule(static)
+            for (int64_t job = 0; job < N * blocks; job++) {
+                const int64_t s = job / blocks, r0 = (job % blocks) * AMX_ROWS;
+                const int64_t nr = R - r0 < AMX_ROWS ? R - r0 : AMX_ROWS;  /* valid rows */
+                const float *nz = noise + s * T * R * A;
+                for (int64_t r = 0; r < AMX_ROWS; r++)  /* padding rows repeat the last valid one */
+                    for (int64_t a = 0; a < A; a++) x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
+                for (int64_t i = T - 1; i >= 0; i--) {
+                    /* first layer: Mish(x W_a + W_s s + (W_t temb_t + b)), rounded to bf16 */
+                    const float *sbi = sb + (s * T + i) * H, *w = Wa + s * wa_ss;
+                    for (int64_t r = 0; r < AMX_ROWS; r++) {
+                        const int64_t row = r0 + (r < nr ? r : nr - 1);
+                        const float *spr = sp + s * sp_ss + (row / rows_per_state) * H;
+                        for (int64_t j = 0; j < H; j += 16) {
+                            __m512 acc = _mm512_add_ps(_mm512_loadu_ps(spr + j), _mm512_loadu_ps(sbi + j));
+                            for (int64_t k = 0; k < A; k++)
+                                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * A + k]), _mm512_loadu_ps(w + k * H + j), acc);
+                            store16(h0, r * H + j, 0xFFFF, mish16_bf16(acc), 1);
+                        }
+                    }
+                    /* hidden layers on AMX; bias and Mish on each 32 x 32 result while in L1 */
+                    uint16_t *hin = h0, *hout = h1;
+                    for (int64_t l = 0; l < L; l++) {
+                        const uint16_t *B = Wp + (s * L + l) * H * H;
+                        const float *bl = bias + (s * L + l) * H;
+                        const int last = l == L - 1;
+                        /* software-pipelined: the tiles of the next 32 columns are computed
+                         * while the vector units apply bias and Mish to the last ones (AMX and
+                         * AVX-512 are separate units; in sequence their times would add up) */
+                        amx_32x32(hin, B, H, H, 0);
+                        amx_store_32x32(C[0]);
+                        for (int64_t n0 = 0; n0 < H; n0 += 32) {
+                            const int more = n0 + 32 < H;
+                            if (more) amx_32x32(hin, B, H, H, n0 + 32);
+                            const float *Cn = C[(n0 / 32) & 1];
+                            const __m512 b0 = _mm512_loadu_ps(bl + n0), b1 = _mm512_loadu_ps(bl + n0 + 16);
+                            for (int64_t r = 0; r < AMX_ROWS; r++) {
+                                __m512 v0 = mish16_bf16(_mm512_add_ps(_mm512_load_ps(Cn + r * 32), b0));
+                                __m512 v1 = mish16_bf16(_mm512_add_ps(_mm512_load_ps(Cn + r * 32 + 16), b1));
+                                if (last) {  /* the last activation stays float32 for the output layer */
+                                    _mm512_store_ps(hf + r * H + n0, v0);
+                                    _mm512_store_ps(hf + r * H + n0 + 16, v1);
+                                } else {
+                                    store16(hout, r * H + n0, 0xFFFF, v0, 1);
+                                    store16(hout, r * H + n0 + 16, 0xFFFF, v1, 1);
+                                }
+                            }
+                            if (more) amx_store_32x32(C[(n0 / 32 + 1) & 1]);
+                        }
+                        uint16_t *tmp = hin; hin = hout; hout = tmp;
+                    }
+                    /* output layer (H -> A) and the posterior step, in float32 */
+                    const float *wt = Wt + s * A * H, *bo = b_out + s * A, *c = coefs + i * 5;
+                    for (int64_t r = 0; r < AMX_ROWS; r++) {
+                        for (int64_t a = 0; a < A; a++) {
+                            __m512 acc = _mm512_setzero_ps();
+                            for (int64_t j = 0; j < H; j += 16)
+                                acc = _mm512_fmadd_ps(_mm512_load_ps(hf + r * H + j), _mm512_loadu_ps(wt + a * H + j), acc);
+                            eps[r * A + a] = _mm512_reduce_add_ps(acc) + bo[a];
+                        }
+                    }
+                    const float *z = i > 0 ? nz + (T - i) * R * A : NULL;
+                    for (int64_t r = 0; r < AMX_ROWS; r++) {
+                        const int64_t row = r0 + (r < nr ? r : nr - 1);
+                        for (int64_t a = 0; a < A; a++) {
+                            const float xv = x[r * A + a];
+                            float x0 = c[0] * xv - c[1] * eps[r * A + a];
+                            if (clip_x0) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
+                            x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
+                        }
+                    }
+                }
+                for (int64_t r = 0; r < nr; r++)
+                    for (int64_t a = 0; a < A; a++) out[(s * R + r0 + r) * A + a] = x[r * A + a];
+            }
+        }
+        free(h0); free(h1); free(hf);
+        _tile_release();
+    }
+    return failed ? -2 : 0;
+#else
+    (void)noise; (void)sp; (void)sb; (void)Wa; (void)Wp; (void)bias; (void)Wt; (void)b_out;
+    (void)coefs; (void)out; (void)N; (void)T; (void)R; (void)A; (void)H; (void)L;
+    (void)rows_per_state; (void)sp_ss; (void)wa_ss; (void)clip_x0; (void)threads;
+    return -1;
+#endif
 }
