@@ -142,16 +142,17 @@ class DiffusionPolicy(nn.Module):
         qvpo/native (built with the machine's C compiler on first use; torch ops where none
         works). Same maths; False = torch ops only. With precision='bf16' the kernels compute in
         float32 and round their outputs to bfloat16 once. Not used with compile.
-      amx: with precision='bf16' and native on a CPU with AMX-BF16 (Intel Sapphire Rapids and
-        later), run the whole sampler in one native call: blocks of 32 chains through all T
-        steps, hidden layers as AMX tiles, activations kept in cache (qvpo/native/sampler.c).
-        Same maths and rounding points; needs hidden widths all equal, a multiple of 32.
+      fused: with native, run the whole sampler in one native call where the CPU allows it
+        (float32: AVX-512; bf16: AMX-BF16, Intel Sapphire Rapids and later): blocks of chains
+        through all T steps with their activations in cache, each hidden layer's bias and Mish
+        applied to its matmul's results while in registers (qvpo/native/sampler.c). Same maths;
+        needs hidden widths all equal and a multiple of 32 (else the per-layer kernels run).
     """
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  T: int = 20, schedule: str = "cosine", clip_x0: bool = True,
                  precision: str = "fp32", block_rows: int | None = None, compile: bool = False,
-                 native: bool = True, amx: bool = True):
+                 native: bool = True, fused: bool = True):
         super().__init__()
         require(precision in ("fp32", "bf16"), f"DiffusionPolicy.precision must be 'fp32' or 'bf16', got {precision!r}")
         if block_rows is not None:
@@ -160,7 +161,7 @@ class DiffusionPolicy(nn.Module):
         self.schedule = NoiseSchedule(T, schedule)
         self.denoiser = Denoiser(state_dim, action_dim, generators)
         self.clip_x0, self.precision, self.block_rows = clip_x0, precision, block_rows
-        self.compile, self.native, self.amx = compile, native, amx
+        self.compile, self.native, self.fused = compile, native, fused
 
     @property
     def T(self) -> int:
@@ -208,12 +209,14 @@ class DiffusionPolicy(nn.Module):
         biases32 = [lin.bias for lin in rest]
         out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if fused and len(rest) >= 2 else None
         widths = [first.weight.shape[-1]] + [w.shape[-1] for w, _ in hidden]
-        if (fused and self.amx and dtype == torch.bfloat16 and len(rest) >= 2
-                and native.amx_shapes_ok(widths[:-1], A) and native.amx_usable()):
-            # every step of every chain in one native call, hidden layers on AMX (sampler.c)
-            out = native.sample_bf16_amx(
+        bf16 = dtype == torch.bfloat16
+        if (fused and self.fused and len(rest) >= 2 and native.fused_shapes_ok(widths[:-1], A)
+                and native.fused_usable(bf16)):
+            # every step of every chain in one native call (sampler.c): blocks of chains through
+            # all T steps with their activations in cache; hidden layers on AVX-512 FMA or AMX
+            out = native.sample_fused(
                 noise, state_proj, step_bias, W_a, [(lin.weight, lin.bias) for lin in rest[:-1]],
-                rest[-1].weight.transpose(1, 2), rest[-1].bias, self.schedule.step_coefs, self.clip_x0)
+                rest[-1].weight.transpose(1, 2), rest[-1].bias, self.schedule.step_coefs, self.clip_x0, bf16)
             return out.clamp_(-1.0, 1.0).view(N, B, n, A)
         out = torch.empty(N, B * n, A, device=states.device)
         # default block: all rows on CUDA (launch-bound); on CPU up to 16384 rows with the native

@@ -193,55 +193,67 @@ def test_samples_of_a_seed_do_not_depend_on_blocking_or_kernels(tiny):
         torch.testing.assert_close(other, runs[0], rtol=1e-5, atol=1e-5)
 
 
-amx = pytest.mark.skipif(not __import__("qvpo.native", fromlist=["x"]).amx_usable(),
-                         reason="needs a CPU with AMX-BF16 (and the native kernels)")
+
+def fused_or_skip(precision: str) -> None:
+    from qvpo import native
+    if not native.fused_usable(precision == "bf16"):
+        pytest.skip(f"the fused {precision} sampler needs a CPU with "
+                    f"{'AMX-BF16' if precision == 'bf16' else 'AVX-512'} (and the native kernels)")
 
 
-@amx
-@pytest.mark.parametrize("hidden,A,seeds,threads", [((64, 64, 64), 3, 2, 1), ((32, 32), 1, 1, 2),
-                                                    ((32, 32, 32, 32), 6, 1, 2)])
-def test_amx_sampler_matches_bf16_and_plain_sampler(tiny, monkeypatch, hidden, A, seeds, threads):
-    """The whole-chain AMX sampler (bf16 on CPUs with AMX): one or three AMX layers, row counts
-    that are not a multiple of its 32-row blocks, several seeds, one or two threads; against
-    the bf16 sampler in torch matmuls + kernels (same rounding points but for the matmul's own
-    bf16 rounding) and the plain float32 loop."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("hidden,A,seeds,threads,B,n", [
+    ((64, 64, 64), 3, 2, 1, 7, 9),     # 63 rows: blocks that do not divide them
+    ((32, 32), 1, 1, 2, 1, 4),         # one AMX/FMA layer; a behaviour action's 4 rows, 2 threads
+    ((32, 32, 32, 32), 6, 1, 2, 8, 4),  # three layers; an evaluation action's 32 rows
+])
+def test_fused_sampler_matches_unfused_and_plain_sampler(tiny, monkeypatch, precision, hidden, A, seeds,
+                                                         threads, B, n):
+    """The whole-chain sampler in one native call (fp32: AVX-512 FMA, bf16: AMX) against the
+    per-layer path (torch matmuls + kernels) and the plain float32 loop: one or three hidden
+    layers, row counts that are not a multiple of its blocks, several seeds, one or two threads."""
+    fused_or_skip(precision)
     from qvpo import native
     import gin
     gin.bind_parameter("Denoiser.hidden", hidden)
     calls = []
-    real = native.sample_bf16_amx
-    monkeypatch.setattr(native, "sample_bf16_amx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = native.sample_fused
+    monkeypatch.setattr(native, "sample_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(2)
-    pol = DiffusionPolicy(state_dim=5, action_dim=A, generators=gens(seeds), precision="bf16")
-    states = torch.randn(seeds, 7, 5)
-    noise = torch.randn(seeds, pol.T, 7 * 9, A)  # 63 rows: one full block, one of 31
+    pol = DiffusionPolicy(state_dim=5, action_dim=A, generators=gens(seeds), precision=precision)
+    states = torch.randn(seeds, B, 5)
+    noise = torch.randn(seeds, pol.T, B * n, A)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fused = pol.sample(states, 9, noise=noise)
+        fused = pol.sample(states, n, noise=noise)
     finally:
         torch.set_num_threads(old)
     assert calls == [1]  # it did run
-    pol.amx = False
-    unfused = pol.sample(states, 9, noise=noise)
+    pol.fused = False
+    unfused = pol.sample(states, n, noise=noise)
     assert calls == [1]
-    plain = reference_sample(pol, states, 9, noise)
-    assert fused.shape == (seeds, 7, 9, A) and fused.abs().max() <= 1.0
-    # bf16 rounding gives differences of a few 1e-4 here; a 2% error in one posterior
-    # coefficient gives 1.3e-2
-    assert (fused - unfused).abs().max() < 2e-3 and (fused - plain).abs().max() < 2e-3
-    assert (fused - plain).abs().max() > 0  # bf16 did run
+    plain = reference_sample(pol, states, n, noise)
+    assert fused.shape == (seeds, B, n, A) and fused.abs().max() <= 1.0
+    if precision == "fp32":  # the same maths, summed in another order
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    else:
+        # bf16 rounding gives differences of a few 1e-4 here; a 2% error in one posterior
+        # coefficient gives 1.3e-2
+        assert (fused - unfused).abs().max() < 2e-3 and (fused - plain).abs().max() < 2e-3
+        assert (fused - plain).abs().max() > 0  # bf16 did run
 
 
-@amx
-def test_amx_sampler_leaves_unsupported_widths_to_the_other_path(tiny, monkeypatch):
-    """Widths the AMX kernel does not take (not a multiple of 32, unequal) fall back to the
-    bf16 sampler in torch matmuls + kernels, with the same result as without AMX."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_sampler_leaves_unsupported_widths_to_the_per_layer_path(tiny, monkeypatch, precision):
+    """Widths the fused kernel does not take (not a multiple of 32, unequal) fall back to the
+    per-layer path, with the plain loop's result."""
+    fused_or_skip(precision)
     from qvpo import native
     import gin
     gin.bind_parameter("Denoiser.hidden", (40, 40))
-    monkeypatch.setattr(native, "sample_bf16_amx", lambda *a, **k: pytest.fail("AMX path taken"))
-    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(), precision="bf16")
+    monkeypatch.setattr(native, "sample_fused", lambda *a, **k: pytest.fail("fused path taken"))
+    pol = DiffusionPolicy(state_dim=4, action_dim=2, generators=gens(), precision=precision)
     states, noise = torch.randn(1, 3, 4), torch.randn(1, pol.T, 3 * 4, 2)
     torch.testing.assert_close(pol.sample(states, 4, noise=noise), reference_sample(pol, states, 4, noise),
-                               rtol=0, atol=0.05)
+                               rtol=0, atol=1e-5 if precision == "fp32" else 0.05)

@@ -1,5 +1,5 @@
-"""Native CPU kernels for the diffusion sampler: Mish, the first layer fused with it, and on CPUs
-with AMX-BF16 the whole bf16 sampler in one call (`sample_bf16_amx`; `QVPO_AMX=0` turns it off).
+"""Native CPU kernels for the diffusion sampler: Mish, the first layer fused with it, and the
+whole sampler in one call (`sample_fused`: float32 on AVX-512 CPUs, bfloat16 on AMX CPUs).
 
 `sampler.c` is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this
 CPU (-O3 -march=native, OpenMP when the compiler has it) into a per-user cache
@@ -124,8 +124,10 @@ def library() -> ctypes.CDLL | None:
     lib.qvpo_bias_mish_out.restype = None
     lib.qvpo_amx_init.argtypes = []
     lib.qvpo_amx_init.restype = ctypes.c_int
-    lib.qvpo_sample_bf16_amx.argtypes = [ptr] * 10 + [i64] * 9 + [ctypes.c_int] * 2
-    lib.qvpo_sample_bf16_amx.restype = ctypes.c_int
+    lib.qvpo_fused_available.argtypes = [ctypes.c_int]
+    lib.qvpo_fused_available.restype = ctypes.c_int
+    lib.qvpo_sample_fused.argtypes = [ptr] * 10 + [i64] * 9 + [ctypes.c_int] * 3
+    lib.qvpo_sample_fused.restype = ctypes.c_int
     _lib = lib
     return _lib
 
@@ -254,76 +256,81 @@ def bias_mish_out(x: torch.Tensor, bias: torch.Tensor, W_out_t: torch.Tensor, b_
     return out
 
 
-_amx: bool | None = None
+_fused: dict[bool, bool] = {}
 
 
-def amx_usable() -> bool:
-    """Whether `sample_bf16_amx` runs here: kernels built for a CPU with AMX-BF16 and the OS
-    lets this process use AMX tiles (Linux grants them per process on request)."""
-    global _amx
-    if _amx is None:
+def fused_usable(bf16: bool) -> bool:
+    """Whether `sample_fused` runs here in this precision: float32 on CPUs with AVX-512, bfloat16
+    on CPUs with AMX-BF16 whose OS lets this process use AMX tiles (Linux grants them per
+    process on request)."""
+    if bf16 not in _fused:
         lib = library()
-        _amx = lib is not None and os.environ.get("QVPO_AMX", "1") != "0" and bool(lib.qvpo_amx_init())
-    return _amx
+        _fused[bf16] = lib is not None and bool(lib.qvpo_fused_available(int(bf16)))
+    return _fused[bf16]
 
 
-AMX_MAX_HIDDEN = 1024
+FUSED_MAX_HIDDEN = 1024
 
 
-def amx_shapes_ok(widths: list[int], action_dim: int) -> bool:
-    """Whether `sample_bf16_amx` takes a denoiser of these hidden widths: all equal, a multiple
-    of 32 up to AMX_MAX_HIDDEN, at least two of them (the first layer, one AMX layer), and at
+def fused_shapes_ok(widths: list[int], action_dim: int) -> bool:
+    """Whether `sample_fused` takes a denoiser of these hidden widths: all equal, a multiple of
+    32 up to FUSED_MAX_HIDDEN, at least two of them (the first layer, one H x H layer), and at
     most MAX_OUT action dimensions."""
     H = widths[0]
-    return (len(widths) >= 2 and all(w == H for w in widths) and H % 32 == 0 and H <= AMX_MAX_HIDDEN
+    return (len(widths) >= 2 and all(w == H for w in widths) and H % 32 == 0 and H <= FUSED_MAX_HIDDEN
             and 1 <= action_dim <= MAX_OUT)
 
 
-def pack_bf16_vnni(W: torch.Tensor) -> torch.Tensor:
-    """A layer's weight (N, K, M) (x @ W) as AMX's B operand: bfloat16 (N, K/2, M, 2), each pair
-    of consecutive k side by side."""
+def pack_weight(W: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """A hidden layer's weight (N, K, M) (x @ W) as the fused sampler reads it. bf16: AMX's B
+    operand, bfloat16 (N, K/2, M, 2), each pair of consecutive k side by side; float32: column
+    panels (N, M/32, K, 32), each read front to back by the FMA kernel."""
     N, K, M = W.shape
-    return W.to(torch.bfloat16).view(N, K // 2, 2, M).transpose(2, 3).contiguous()
+    if bf16:
+        return W.to(torch.bfloat16).view(N, K // 2, 2, M).transpose(2, 3).contiguous()
+    return W.view(N, K, M // 32, 32).permute(0, 2, 1, 3).contiguous()
 
 
-def sample_bf16_amx(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch.Tensor,
-                    W_a: torch.Tensor, hidden: list[tuple[torch.Tensor, torch.Tensor]],
-                    W_out_t: torch.Tensor, b_out: torch.Tensor, coefs: torch.Tensor,
-                    clip_x0: bool) -> torch.Tensor:
-    """Every denoising step of the sampler with its hidden layers in bfloat16 on AMX (see
-    sampler.c): x_0 (N, R, A), before the final clamp.
+def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch.Tensor,
+                 W_a: torch.Tensor, hidden: list[tuple[torch.Tensor, torch.Tensor]],
+                 W_out_t: torch.Tensor, b_out: torch.Tensor, coefs: torch.Tensor,
+                 clip_x0: bool, bf16: bool) -> torch.Tensor:
+    """Every denoising step of the sampler in one call (see sampler.c): x_0 (N, R, A), before
+    the final clamp. bf16: the hidden layers' matmuls in bfloat16 on AMX, as
+    DiffusionPolicy.precision = 'bf16'; else float32.
 
     noise (N, T, R, A): x_T, then the noise of steps T-1 .. 1; state_part (N, S, H) with
     R = S * rows per state; step_part (N, T, H): the first layer's time part plus bias per step;
     W_a (N, A, H); hidden: the (weight (N, H, H), bias (N, 1, H) or (N, H)) of each hidden layer
     after the first, float32; W_out_t (N, A, H), b_out (N, A) or (N, 1, A): the output layer;
-    coefs (T, 5): NoiseSchedule.step_coefs. Callers check `amx_usable()` and `amx_shapes_ok`.
+    coefs (T, 5): NoiseSchedule.step_coefs. Callers check `fused_usable` and `fused_shapes_ok`.
     """
     N, T, R, A = noise.shape
     H, S, L = W_a.shape[-1], state_part.shape[1], len(hidden)
-    _check(amx_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1, "sample_bf16_amx: unsupported widths")
-    _check(R % S == 0, "sample_bf16_amx: rows must be a multiple of states")
+    _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1, "sample_fused: unsupported widths")
+    _check(R % S == 0, "sample_fused: rows must be a multiple of states")
     for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
         _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
-               f"sample_bf16_amx: bad {tuple(t.shape)}")
+               f"sample_fused: bad {tuple(t.shape)}")
     _check(step_part.shape == (N, T, H) and W_out_t.shape == (N, A, H) and coefs.shape == (T, 5),
-           "sample_bf16_amx: bad step part, output layer or coefficients")
+           "sample_fused: bad step part, output layer or coefficients")
     for w, b in hidden:
-        _check(w.shape == (N, H, H) and b.numel() == N * H, "sample_bf16_amx: bad hidden layer")
-    _check(b_out.numel() == N * A, "sample_bf16_amx: bad output bias")
+        _check(w.shape == (N, H, H) and b.numel() == N * H, "sample_fused: bad hidden layer")
+    _check(b_out.numel() == N * A, "sample_fused: bad output bias")
     tensors = [noise, state_part, step_part, W_a, W_out_t, b_out, coefs] + [t for layer in hidden for t in layer]
     for t in tensors:
-        _check(t.dtype == torch.float32 and t.device.type == "cpu", "sample_bf16_amx: CPU float32 inputs only")
-    Wp = torch.stack([pack_bf16_vnni(w) for w, _ in hidden], dim=1).contiguous()  # (N, L, H/2, H, 2)
+        _check(t.dtype == torch.float32 and t.device.type == "cpu", "sample_fused: CPU float32 inputs only")
+    Wp = torch.stack([pack_weight(w, bf16) for w, _ in hidden], dim=1).contiguous()
     bias = torch.stack([b.reshape(N, H) for _, b in hidden], dim=1).contiguous()   # (N, L, H)
     noise, step_part, W_out_t = noise.contiguous(), step_part.contiguous(), W_out_t.contiguous()
     b_out, coefs = b_out.reshape(N, A).contiguous(), coefs.contiguous()
     out = torch.empty(N, R, A)
-    rc = library().qvpo_sample_bf16_amx(
+    rc = library().qvpo_sample_fused(
         noise.data_ptr(), state_part.data_ptr(), step_part.data_ptr(), W_a.data_ptr(), Wp.data_ptr(),
         bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(), coefs.data_ptr(), out.data_ptr(),
-        N, T, R, A, H, L, R // S, state_part.stride(0), W_a.stride(0), int(clip_x0), torch.get_num_threads())
+        N, T, R, A, H, L, R // S, state_part.stride(0), W_a.stride(0), int(clip_x0), int(bf16),
+        torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"qvpo.native: the AMX sampler failed (code {rc}: "
-                           f"{'AMX unavailable' if rc == -1 else 'out of memory'})")
+        raise RuntimeError(f"qvpo.native: the fused sampler failed (code {rc}: "
+                           f"{'not available here' if rc == -1 else 'out of memory'})")
     return out

@@ -278,28 +278,74 @@ void qvpo_bias_mish_out(const void *in, const float *restrict bias, const float 
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The whole bf16 sampler on AMX: every denoising step of a block of 32 chains in one call.
+ * The whole sampler in one call: every denoising step of a block of chains, block after block.
  *
- * Why: with the hidden matmuls in bfloat16 on AMX, PyTorch's matmul and the element-wise kernels
- * above are separate passes over each activation (16384 x 256 per layer and step), and the
- * element-wise passes cost more than the matmuls. Here a block of 32 rows runs through all T
- * steps with its activations in L1/L2: the first layer and Mish (as qvpo_first_layer_mish), each
- * hidden layer as AMX tiles (bf16 products, float32 accumulation) whose 32 x 32 results get bias
- * and Mish while in L1, the output layer, and the DDPM posterior step. One call per sampler call;
- * OpenMP over blocks, so the two cores never wait for each other between steps.
+ * Why: in the sampler above, each layer of each step is a PyTorch matmul followed by one of the
+ * element-wise kernels, each a pass over a 16384 x 256 activation, with a fork-join of the
+ * threads per call. Here a block of rows runs through all T steps with its activations in
+ * L1/L2: the first layer and Mish (as qvpo_first_layer_mish); each hidden layer as a matmul
+ * whose results get bias and Mish while still in registers (float32: an AVX-512 FMA kernel) or
+ * in L1 (bfloat16: AMX tiles); the output layer; the DDPM posterior step. OpenMP over blocks:
+ * the cores never wait for each other between layers or steps.
  *
- * The maths is the sampler's (qvpo/diffusion.py: denoise_step + posterior_step) with the same
- * rounding points as the bf16 path in torch ops: the first layer and every hidden Mish output
- * rounded to bfloat16 once; bias, Mish, the output layer and the DDPM update in float32. One
- * difference: the matmul's float32 sum is not rounded to bfloat16 before the bias is added.
+ * The maths is the sampler's (qvpo/diffusion.py: denoise_step + posterior_step). float32: the
+ * same operations, summed in another order. bfloat16: the same rounding points as the bf16 path
+ * in torch ops (the first layer and every hidden Mish output rounded to bfloat16 once; bias,
+ * Mish, the output layer and the DDPM update in float32), except that the matmul's float32 sum
+ * is not rounded to bfloat16 before the bias is added.
  */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QVPO_FUSED 1
+#define FMA_ROWS 24   /* rows per block, float32 (fewer when a call has fewer rows) */
+#define MAX_ROWS 32   /* rows per block, either precision (AMX: 32) */
+
+/* hout[r, n0:n0 + 32] = Mish(hin[r, :] @ W[:, n0:n0 + 32] + bias[n0:n0 + 32]) for MR rows:
+ * hin (rows of K float32, stride K); Bp the panel of W for columns n0..n0+31, (K, 32) contiguous
+ * (so the panel streams through L1 in order); hout rows of stride Nout. The MR x 32 sums stay
+ * in registers from the first product to the Mish (12 rows: 24 of the 32 vector registers). */
+#define FMA_KERNEL(MR)                                                                            \
+static inline void fma_##MR##x32_mish(const float *restrict hin, const float *restrict Bp,       \
+                                      const float *restrict bias, float *restrict hout,         \
+                                      int64_t K, int64_t Nout, int64_t n0) {                    \
+    __m512 c[MR][2];                                                                              \
+    for (int i = 0; i < MR; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();                         \
+    for (int64_t k = 0; k < K; k++) {                                                             \
+        const __m512 b0 = _mm512_load_ps(Bp + k * 32), b1 = _mm512_load_ps(Bp + k * 32 + 16);     \
+        _Pragma("GCC unroll 12")                                                                  \
+        for (int i = 0; i < MR; i++) {                                                            \
+            const __m512 a = _mm512_set1_ps(hin[i * K + k]);                                      \
+            c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);                                            \
+            c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);                                            \
+        }                                                                                         \
+    }                                                                                             \
+    const __m512 bias0 = _mm512_loadu_ps(bias + n0), bias1 = _mm512_loadu_ps(bias + n0 + 16);     \
+    for (int i = 0; i < MR; i++) {                                                                \
+        _mm512_store_ps(hout + i * Nout + n0, mish16(_mm512_add_ps(c[i][0], bias0)));             \
+        _mm512_store_ps(hout + i * Nout + n0 + 16, mish16(_mm512_add_ps(c[i][1], bias1)));        \
+    }                                                                                             \
+}
+FMA_KERNEL(12)
+FMA_KERNEL(4)
+
+/* A float32 hidden layer for a block of `rows` rows (a multiple of 4): 12-row kernels, then
+ * 4-row ones for the rest; the loop over column panels is outside, so a panel stays in L1. */
+static void fma_layer_mish(const float *hin, const float *W, const float *bias, float *hout,
+                           int64_t rows, int64_t H) {
+    for (int64_t n0 = 0; n0 < H; n0 += 32) {
+        int64_t m0 = 0;
+        for (; m0 + 12 <= rows; m0 += 12) fma_12x32_mish(hin + m0 * H, W + n0 * H, bias, hout + m0 * H, H, H, n0);
+        for (; m0 < rows; m0 += 4) fma_4x32_mish(hin + m0 * H, W + n0 * H, bias, hout + m0 * H, H, H, n0);
+    }
+}
+#endif
+
+#if defined(QVPO_FUSED) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define QVPO_AMX 1
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#define AMX_ROWS 32   /* rows per block: two 16-row A tiles */
+#define AMX_ROWS 32   /* rows per block, bfloat16: two 16-row A tiles */
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -333,6 +379,34 @@ static inline void amx_store_32x32(float *C) {
     _tile_stored(3, C + 16 * 32 + 16, 128);
 }
 
+/* hout = Mish(hin @ W + bias) for a block of 32 rows (hin bf16 rows of K; hout bf16, or float32
+ * when out_f32: the last hidden layer, which feeds the float32 output layer). Software-pipelined:
+ * the tiles of the next 32 columns are issued before the vector units apply bias and Mish to the
+ * last ones, so the two units can overlap. */
+static void amx_layer_mish(const uint16_t *hin, const uint16_t *B, const float *bias, void *hout,
+                           int out_f32, int64_t H, float C[2][AMX_ROWS * 32]) {
+    amx_32x32(hin, B, H, H, 0);
+    amx_store_32x32(C[0]);
+    for (int64_t n0 = 0; n0 < H; n0 += 32) {
+        const int more = n0 + 32 < H;
+        if (more) amx_32x32(hin, B, H, H, n0 + 32);
+        const float *Cn = C[(n0 / 32) & 1];
+        const __m512 b0 = _mm512_loadu_ps(bias + n0), b1 = _mm512_loadu_ps(bias + n0 + 16);
+        for (int64_t r = 0; r < AMX_ROWS; r++) {
+            const __m512 v0 = mish16_bf16(_mm512_add_ps(_mm512_load_ps(Cn + r * 32), b0));
+            const __m512 v1 = mish16_bf16(_mm512_add_ps(_mm512_load_ps(Cn + r * 32 + 16), b1));
+            if (out_f32) {
+                _mm512_store_ps((float *)hout + r * H + n0, v0);
+                _mm512_store_ps((float *)hout + r * H + n0 + 16, v1);
+            } else {
+                store16(hout, r * H + n0, 0xFFFF, v0, 1);
+                store16(hout, r * H + n0 + 16, 0xFFFF, v1, 1);
+            }
+        }
+        if (more) amx_store_32x32(C[(n0 / 32 + 1) & 1]);
+    }
+}
+
 static int amx_permitted = -1;
 
 /* 1 if this process may use AMX tiles (Linux asks for it once per process), else 0. */
@@ -345,93 +419,102 @@ int qvpo_amx_init(void) {
 int qvpo_amx_init(void) { return 0; }
 #endif
 
-/* x_0 of R chains per seed, T denoising steps, returns 0 (or -1 where AMX is unavailable).
+/* 1 if qvpo_sample_fused runs on this build in this precision (float32: AVX-512; bf16: AMX). */
+int qvpo_fused_available(int bf16) {
+#ifdef QVPO_FUSED
+    return bf16 ? qvpo_amx_init() : 1;
+#else
+    (void)bf16;
+    return 0;
+#endif
+}
+
+/* x_0 of R chains per seed after T denoising steps; returns 0, -1 (not available in this build
+ * or precision, or unsupported widths) or -2 (out of memory).
  *   noise (N, T, R, A) float32: x_T, then the noise of steps T-1 .. 1;
  *   sp (N, S, H): the first layer's state part, row r uses state r / rows_per_state (seed stride sp_ss);
  *   sb (N, T, H): its time part plus bias at each step, contiguous;
  *   Wa (N, A, H): its action part, rows of H (seed stride wa_ss);
- *   Wp (N, L, H/2, H, 2) bf16: the L hidden H x H layers in AMX's layout, contiguous;
+ *   Wp: the L hidden H x H layers, contiguous: bf16 (N, L, H/2, H, 2) (AMX's layout), float32
+ *     (N, L, H/32, H, 32) (column panels of 32);
  *   bias (N, L, H); Wt (N, A, H): the output layer transposed; b_out (N, A); coefs (T, 5): per
  *   step sqrt(1/ab), sqrt(1/ab - 1), posterior c0, ct, std;
  *   out (N, R, A): x_0 before the final clamp. H a multiple of 32, at most 1024; A at most 32. */
-int qvpo_sample_bf16_amx(const float *noise, const float *sp, const float *sb, const float *Wa,
-                         const uint16_t *Wp, const float *bias, const float *Wt, const float *b_out,
-                         const float *coefs, float *out, int64_t N, int64_t T, int64_t R,
-                         int64_t A, int64_t H, int64_t L, int64_t rows_per_state, int64_t sp_ss,
-                         int64_t wa_ss, int clip_x0, int threads) {
+int qvpo_sample_fused(const float *noise, const float *sp, const float *sb, const float *Wa,
+                      const void *Wp, const float *bias, const float *Wt, const float *b_out,
+                      const float *coefs, float *out, int64_t N, int64_t T, int64_t R, int64_t A,
+                      int64_t H, int64_t L, int64_t rows_per_state, int64_t sp_ss, int64_t wa_ss,
+                      int clip_x0, int bf16, int threads) {
+#ifdef QVPO_FUSED
+    if (!qvpo_fused_available(bf16) || H % 32 || H > 1024 || A > 32 || A < 1 || L < 1) return -1;
+    /* float32: as few blocks as FMA_ROWS allows, of equal size rounded up to 4 rows (a
+     * behaviour action samples 4 rows, an evaluation action 32: padding them to 24 and 48 rows
+     * would do 6 and 1.5 times the work) */
+    const int64_t nblk = (R + FMA_ROWS - 1) / FMA_ROWS;
+    int64_t rows_blk = ((R + nblk - 1) / nblk + 3) / 4 * 4;
 #ifdef QVPO_AMX
-    if (!qvpo_amx_init() || H % 32 || H > 1024 || A > 32 || A < 1) return -1;
-    const int64_t blocks = (R + AMX_ROWS - 1) / AMX_ROWS;
+    if (bf16) rows_blk = AMX_ROWS;
+#endif
+    const int64_t blocks = (R + rows_blk - 1) / rows_blk;
+    const size_t elem = bf16 ? 2 : 4;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-        _tile_loadconfig(&cfg);
-        uint16_t *h0 = aligned_alloc(64, AMX_ROWS * H * 2), *h1 = aligned_alloc(64, AMX_ROWS * H * 2);
-        float *hf = aligned_alloc(64, AMX_ROWS * H * 4);
-        float C[2][AMX_ROWS * 32] __attribute__((aligned(64)));  /* two: see the pipelining below */
-        float x[AMX_ROWS * 32], eps[AMX_ROWS * 32];
+#ifdef QVPO_AMX
+        if (bf16) {
+            tile_config cfg;
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette_id = 1;
+            for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+            _tile_loadconfig(&cfg);
+        }
+        float C[2][AMX_ROWS * 32] __attribute__((aligned(64)));  /* two: see amx_layer_mish */
+#endif
+        /* activations of one block: two alternating hidden buffers, and the last one in float32 */
+        void *h0 = aligned_alloc(64, rows_blk * H * elem), *h1 = aligned_alloc(64, rows_blk * H * elem);
+        float *hf = aligned_alloc(64, rows_blk * H * 4);
+        float x[MAX_ROWS * 32], eps[MAX_ROWS * 32];  /* A <= 32 */
         if (!h0 || !h1 || !hf) {
             #pragma omp atomic write
             failed = 1;
         } else {
             #pragma omp for schedule(static)
             for (int64_t job = 0; job < N * blocks; job++) {
-                const int64_t s = job / blocks, r0 = (job % blocks) * AMX_ROWS;
-                const int64_t nr = R - r0 < AMX_ROWS ? R - r0 : AMX_ROWS;  /* valid rows */
+                const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
+                const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;  /* valid rows */
                 const float *nz = noise + s * T * R * A;
-                for (int64_t r = 0; r < AMX_ROWS; r++)  /* padding rows repeat the last valid one */
+                for (int64_t r = 0; r < rows_blk; r++)  /* padding rows repeat the last valid one */
                     for (int64_t a = 0; a < A; a++) x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
                 for (int64_t i = T - 1; i >= 0; i--) {
-                    /* first layer: Mish(x W_a + W_s s + (W_t temb_t + b)), rounded to bf16 */
+                    /* first layer: Mish(x W_a + W_s s + (W_t temb_t + b)) */
                     const float *sbi = sb + (s * T + i) * H, *w = Wa + s * wa_ss;
-                    for (int64_t r = 0; r < AMX_ROWS; r++) {
+                    for (int64_t r = 0; r < rows_blk; r++) {
                         const int64_t row = r0 + (r < nr ? r : nr - 1);
                         const float *spr = sp + s * sp_ss + (row / rows_per_state) * H;
                         for (int64_t j = 0; j < H; j += 16) {
                             __m512 acc = _mm512_add_ps(_mm512_loadu_ps(spr + j), _mm512_loadu_ps(sbi + j));
                             for (int64_t k = 0; k < A; k++)
                                 acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * A + k]), _mm512_loadu_ps(w + k * H + j), acc);
-                            store16(h0, r * H + j, 0xFFFF, mish16_bf16(acc), 1);
+                            if (bf16) store16(h0, r * H + j, 0xFFFF, mish16_bf16(acc), 1);
+                            else _mm512_store_ps((float *)h0 + r * H + j, mish16(acc));
                         }
                     }
-                    /* hidden layers on AMX; bias and Mish on each 32 x 32 result while in L1 */
-                    uint16_t *hin = h0, *hout = h1;
+                    /* hidden layers: matmul, bias and Mish; the last one's output in float32 (hf) */
+                    void *hin = h0, *hout = h1;
                     for (int64_t l = 0; l < L; l++) {
-                        const uint16_t *B = Wp + (s * L + l) * H * H;
                         const float *bl = bias + (s * L + l) * H;
-                        const int last = l == L - 1;
-                        /* software-pipelined: the tiles of the next 32 columns are computed
-                         * while the vector units apply bias and Mish to the last ones (AMX and
-                         * AVX-512 are separate units; in sequence their times would add up) */
-                        amx_32x32(hin, B, H, H, 0);
-                        amx_store_32x32(C[0]);
-                        for (int64_t n0 = 0; n0 < H; n0 += 32) {
-                            const int more = n0 + 32 < H;
-                            if (more) amx_32x32(hin, B, H, H, n0 + 32);
-                            const float *Cn = C[(n0 / 32) & 1];
-                            const __m512 b0 = _mm512_loadu_ps(bl + n0), b1 = _mm512_loadu_ps(bl + n0 + 16);
-                            for (int64_t r = 0; r < AMX_ROWS; r++) {
-                                __m512 v0 = mish16_bf16(_mm512_add_ps(_mm512_load_ps(Cn + r * 32), b0));
-                                __m512 v1 = mish16_bf16(_mm512_add_ps(_mm512_load_ps(Cn + r * 32 + 16), b1));
-                                if (last) {  /* the last activation stays float32 for the output layer */
-                                    _mm512_store_ps(hf + r * H + n0, v0);
-                                    _mm512_store_ps(hf + r * H + n0 + 16, v1);
-                                } else {
-                                    store16(hout, r * H + n0, 0xFFFF, v0, 1);
-                                    store16(hout, r * H + n0 + 16, 0xFFFF, v1, 1);
-                                }
-                            }
-                            if (more) amx_store_32x32(C[(n0 / 32 + 1) & 1]);
-                        }
-                        uint16_t *tmp = hin; hin = hout; hout = tmp;
+                        void *dst = l == L - 1 ? (void *)hf : hout;
+#ifdef QVPO_AMX
+                        if (bf16) {
+                            amx_layer_mish(hin, (const uint16_t *)Wp + (s * L + l) * H * H, bl, dst, l == L - 1, H, C);
+                        } else
+#endif
+                        fma_layer_mish(hin, (const float *)Wp + (s * L + l) * H * H, bl, dst, rows_blk, H);
+                        void *tmp = hin; hin = hout; hout = tmp;
                     }
                     /* output layer (H -> A) and the posterior step, in float32 */
                     const float *wt = Wt + s * A * H, *bo = b_out + s * A, *c = coefs + i * 5;
-                    for (int64_t r = 0; r < AMX_ROWS; r++) {
+                    for (int64_t r = 0; r < rows_blk; r++) {
                         for (int64_t a = 0; a < A; a++) {
                             __m512 acc = _mm512_setzero_ps();
                             for (int64_t j = 0; j < H; j += 16)
@@ -440,7 +523,7 @@ int qvpo_sample_bf16_amx(const float *noise, const float *sp, const float *sb, c
                         }
                     }
                     const float *z = i > 0 ? nz + (T - i) * R * A : NULL;
-                    for (int64_t r = 0; r < AMX_ROWS; r++) {
+                    for (int64_t r = 0; r < rows_blk; r++) {
                         const int64_t row = r0 + (r < nr ? r : nr - 1);
                         for (int64_t a = 0; a < A; a++) {
                             const float xv = x[r * A + a];
@@ -455,13 +538,15 @@ int qvpo_sample_bf16_amx(const float *noise, const float *sp, const float *sb, c
             }
         }
         free(h0); free(h1); free(hf);
-        _tile_release();
+#ifdef QVPO_AMX
+        if (bf16) _tile_release();
+#endif
     }
     return failed ? -2 : 0;
 #else
     (void)noise; (void)sp; (void)sb; (void)Wa; (void)Wp; (void)bias; (void)Wt; (void)b_out;
     (void)coefs; (void)out; (void)N; (void)T; (void)R; (void)A; (void)H; (void)L;
-    (void)rows_per_state; (void)sp_ss; (void)wa_ss; (void)clip_x0; (void)threads;
+    (void)rows_per_state; (void)sp_ss; (void)wa_ss; (void)clip_x0; (void)bf16; (void)threads;
     return -1;
 #endif
 }
