@@ -175,15 +175,18 @@ class TwinQ(nn.Module):
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
                  hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256 Mish
-                 activation: str = "mish", init: str | None = None, scoring_precision: str = "fp32"):
+                 activation: str = "mish", init: str | None = None, scoring_precision: str = "fp32",
+                 fused: bool = True):
         """init: an init_linear scheme for these networks (None = init_linear's gin default).
         scoring_precision: 'fp32', or 'bf16' to score sampled candidates (`q_min_candidates`)
         with bfloat16 matmuls (opt-in speed mode, the critic's counterpart of
-        DiffusionPolicy.precision = 'bf16'; the critic's training and TD targets stay float32)."""
+        DiffusionPolicy.precision = 'bf16'; the critic's training and TD targets stay float32).
+        fused: score candidates with each network in one native call where the CPU allows it
+        (float32: AVX-512, bf16: AMX; as DiffusionPolicy.fused; same maths)."""
         super().__init__()
         require(scoring_precision in ("fp32", "bf16"),
                 f"TwinQ.scoring_precision must be 'fp32' or 'bf16', got {scoring_precision!r}")
-        self.scoring_precision = scoring_precision
+        self.scoring_precision, self.fused = scoring_precision, fused
         require(len(hidden) >= 1 and all(h >= 1 for h in hidden),
                 f"TwinQ.hidden must be a non-empty tuple of positive widths, got {hidden}")
         N = len(generators)
@@ -220,10 +223,19 @@ class TwinQ(nn.Module):
         S = s.shape[-1]
         rows = a.reshape(N, B * k, A).contiguous()
         dtype = torch.bfloat16 if bf16 else torch.float32
+        widths = [lin.out_features for lin in layers[0][:-1]]
+        fused = (self.fused and B * k >= native.FUSED_MLP_MIN_ROWS and len(widths) >= 2
+                 and native.fused_shapes_ok(widths, A) and native.fused_usable(bf16))
         qs = []
         for lins in layers:
             first, *rest = lins
             W_s, W_a = first.weight.split([S, A], dim=1)                 # input is [s, a]
+            if fused:  # the whole network in one native call (sampler.c: qvpo_mlp_fused)
+                q = native.mlp_fused(rows, torch.bmm(s, W_s), first.bias, W_a,
+                                     [(lin.weight, lin.bias) for lin in rest[:-1]],
+                                     rest[-1].weight.transpose(1, 2), rest[-1].bias, bf16)
+                qs.append(q.squeeze(-1))
+                continue
             h = native.first_layer_mish(rows, W_a, torch.bmm(s, W_s), first.bias[:, 0],
                                         out=torch.empty(N, B * k, first.out_features, dtype=dtype))
             out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if len(rest) >= 2 else None

@@ -128,6 +128,14 @@ def test_wrappers_refuse_layouts_the_kernels_would_misread():
     with pytest.raises(ValueError, match="own"):  # out aliasing x (restrict in C)
         y = torch.randn(2, 5, 8)
         native.first_layer_mish(y, torch.randn(2, 8, 8), torch.randn(2, 5, 8), torch.randn(2, 8), y)
+    hidden = [(torch.randn(2, 32, 32), torch.randn(2, 32))]
+    with pytest.raises(ValueError, match="multiple of states"):  # 10 rows for 3 states
+        native.sample_fused(torch.randn(2, 3, 10, 2), torch.randn(2, 3, 32), torch.randn(2, 3, 32),
+                            torch.randn(2, 2, 32), hidden, torch.randn(2, 2, 32), torch.randn(2, 2),
+                            torch.randn(3, 5), True, False)
+    with pytest.raises(ValueError, match="unsupported widths"):  # 40 is not a multiple of 32
+        native.mlp_fused(torch.randn(2, 6, 2), torch.randn(2, 3, 40), torch.randn(2, 40), torch.randn(2, 2, 40),
+                         [(torch.randn(2, 40, 40), torch.randn(2, 40))], torch.randn(2, 1, 40), torch.randn(2, 1), False)
 
 
 @needs_cc

@@ -128,6 +128,8 @@ def library() -> ctypes.CDLL | None:
     lib.qvpo_fused_available.restype = ctypes.c_int
     lib.qvpo_sample_fused.argtypes = [ptr] * 10 + [i64] * 9 + [ctypes.c_int] * 3
     lib.qvpo_sample_fused.restype = ctypes.c_int
+    lib.qvpo_mlp_fused.argtypes = [ptr] * 9 + [i64] * 10 + [ctypes.c_int] * 2
+    lib.qvpo_mlp_fused.restype = ctypes.c_int
     _lib = lib
     return _lib
 
@@ -270,6 +272,9 @@ def fused_usable(bf16: bool) -> bool:
 
 
 FUSED_MAX_HIDDEN = 1024
+# below this many rows a critic is scored layer by layer: the fused call's fixed costs (packing
+# the weights, waking the threads) exceed what it saves (measured: 512 rows even, 1024 rows 1.8x)
+FUSED_MLP_MIN_ROWS = 1024
 
 
 def fused_shapes_ok(widths: list[int], action_dim: int) -> bool:
@@ -281,14 +286,15 @@ def fused_shapes_ok(widths: list[int], action_dim: int) -> bool:
             and 1 <= action_dim <= MAX_OUT)
 
 
-def pack_weight(W: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """A hidden layer's weight (N, K, M) (x @ W) as the fused sampler reads it. bf16: AMX's B
-    operand, bfloat16 (N, K/2, M, 2), each pair of consecutive k side by side; float32: column
-    panels (N, M/32, K, 32), each read front to back by the FMA kernel."""
+def packed_view(W: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """A hidden layer's weight (N, K, M) (x @ W) viewed in the order the fused kernels read it
+    (copy it to make it contiguous). bf16: AMX's B operand, (N, K/2, M, 2), each pair of
+    consecutive k side by side; float32: column panels (N, M/32, K, 32), each read front to back
+    by the FMA kernel."""
     N, K, M = W.shape
     if bf16:
-        return W.to(torch.bfloat16).view(N, K // 2, 2, M).transpose(2, 3).contiguous()
-    return W.view(N, K, M // 32, 32).permute(0, 2, 1, 3).contiguous()
+        return W.view(N, K // 2, 2, M).transpose(2, 3)
+    return W.view(N, K, M // 32, 32).permute(0, 2, 1, 3)
 
 
 def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch.Tensor,
@@ -320,8 +326,7 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
     tensors = [noise, state_part, step_part, W_a, W_out_t, b_out, coefs] + [t for layer in hidden for t in layer]
     for t in tensors:
         _check(t.dtype == torch.float32 and t.device.type == "cpu", "sample_fused: CPU float32 inputs only")
-    Wp = torch.stack([pack_weight(w, bf16) for w, _ in hidden], dim=1).contiguous()
-    bias = torch.stack([b.reshape(N, H) for _, b in hidden], dim=1).contiguous()   # (N, L, H)
+    Wp, bias = _pack_hidden(hidden, N, H, bf16)
     noise, step_part, W_out_t = noise.contiguous(), step_part.contiguous(), W_out_t.contiguous()
     b_out, coefs = b_out.reshape(N, A).contiguous(), coefs.contiguous()
     out = torch.empty(N, R, A)
@@ -330,7 +335,60 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
         bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(), coefs.data_ptr(), out.data_ptr(),
         N, T, R, A, H, L, R // S, state_part.stride(0), W_a.stride(0), int(clip_x0), int(bf16),
         torch.get_num_threads())
+    _fused_rc(rc, "sampler")
+    return out
+
+
+def _pack_hidden(hidden, N: int, H: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden layers as the fused kernels read them: packed weights (N, L, ...) and biases
+    (N, L, H), each written once (a copy per layer: this runs at every sampler call)."""
+    L = len(hidden)
+    Wp = torch.empty((N, L) + packed_view(hidden[0][0], bf16).shape[1:],
+                     dtype=torch.bfloat16 if bf16 else torch.float32)
+    bias = torch.empty(N, L, H)
+    for j, (w, b) in enumerate(hidden):
+        Wp[:, j].copy_(packed_view(w.to(Wp.dtype), bf16))  # convert first: a strided conversion is slow
+        bias[:, j].copy_(b.reshape(N, H))
+    return Wp, bias
+
+
+def _fused_rc(rc: int, what: str) -> None:
     if rc != 0:
-        raise RuntimeError(f"qvpo.native: the fused sampler failed (code {rc}: "
+        raise RuntimeError(f"qvpo.native: the fused {what} failed (code {rc}: "
                            f"{'not available here' if rc == -1 else 'out of memory'})")
+
+
+def mlp_fused(x: torch.Tensor, state_part: torch.Tensor, b1: torch.Tensor, W_a: torch.Tensor,
+              hidden: list[tuple[torch.Tensor, torch.Tensor]], W_out_t: torch.Tensor,
+              b_out: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """A Mish MLP on [shared part, row part] in one call (see sampler.c), e.g. a critic's
+    Q(s, a) for k candidate actions per state: out (N, R, O).
+
+    x (N, R, A): each row's own input; state_part (N, S, H): the first layer's shared part
+    (W_s s), row r uses r // (R / S); b1 (N, H) or (N, 1, H): the first layer's bias; W_a
+    (N, A, H): its row part; hidden: (weight (N, H, H), bias) of the later hidden layers; W_out_t
+    (N, O, H), b_out (N, O) or (N, 1, O): the output layer. bf16: hidden matmuls in bfloat16 on
+    AMX. Callers check `fused_usable` and `fused_shapes_ok` (with O <= MAX_OUT)."""
+    N, R, A = x.shape
+    H, S, L, O = W_a.shape[-1], state_part.shape[1], len(hidden), W_out_t.shape[1]
+    _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1 and 1 <= O <= MAX_OUT,
+           "mlp_fused: unsupported widths")
+    _check(R % S == 0, "mlp_fused: rows must be a multiple of states")
+    for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
+        _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
+               f"mlp_fused: bad {tuple(t.shape)}")
+    _check(b1.numel() == N * H and b1.stride(-1) == 1 and W_out_t.shape == (N, O, H) and b_out.numel() == N * O,
+           "mlp_fused: bad first-layer bias or output layer")
+    for w, b in hidden:
+        _check(w.shape == (N, H, H) and b.numel() == N * H, "mlp_fused: bad hidden layer")
+    for t in [x, state_part, b1, W_a, W_out_t, b_out] + [t for layer in hidden for t in layer]:
+        _check(t.dtype == torch.float32 and t.device.type == "cpu", "mlp_fused: CPU float32 inputs only")
+    Wp, bias = _pack_hidden(hidden, N, H, bf16)
+    x, W_out_t, b_out = x.contiguous(), W_out_t.contiguous(), b_out.reshape(N, O).contiguous()
+    out = torch.empty(N, R, O)
+    rc = library().qvpo_mlp_fused(
+        x.data_ptr(), state_part.data_ptr(), b1.data_ptr(), W_a.data_ptr(), Wp.data_ptr(), bias.data_ptr(),
+        W_out_t.data_ptr(), b_out.data_ptr(), out.data_ptr(), N, R, A, H, L, O, R // S,
+        state_part.stride(0), b1.stride(0), W_a.stride(0), int(bf16), torch.get_num_threads())
+    _fused_rc(rc, "MLP")
     return out

@@ -429,6 +429,104 @@ int qvpo_fused_available(int bf16) {
 #endif
 }
 
+#ifdef QVPO_FUSED
+/* Per-thread buffers of the fused calls: one block's activations (two alternating hidden
+ * buffers, the last one in float32), its chains x and its outputs, and AMX's result tiles. */
+typedef struct {
+    void *h0, *h1;
+    float *hf;
+    float x[MAX_ROWS * 32], eps[MAX_ROWS * 32];  /* A <= 32 */
+#ifdef QVPO_AMX
+    float C[2][AMX_ROWS * 32] __attribute__((aligned(64)));  /* two: see amx_layer_mish */
+#endif
+} block_buffers;
+
+static int buffers_init(block_buffers *b, int64_t rows_blk, int64_t H, int bf16) {
+    const size_t elem = bf16 ? 2 : 4;
+    b->h0 = aligned_alloc(64, rows_blk * H * elem);
+    b->h1 = aligned_alloc(64, rows_blk * H * elem);
+    b->hf = aligned_alloc(64, rows_blk * H * 4);
+#ifdef QVPO_AMX
+    if (bf16) {
+        tile_config cfg __attribute__((aligned(64)));
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        /* some GCC versions do not see that ldtilecfg reads cfg and drop the stores above
+         * (then the CPU faults on a config of garbage): make them happen first */
+        __asm__ volatile("" : : "r"(&cfg) : "memory");
+        _tile_loadconfig(&cfg);
+    }
+#endif
+    return b->h0 && b->h1 && b->hf;
+}
+
+static void buffers_free(block_buffers *b, int bf16) {
+    free(b->h0); free(b->h1); free(b->hf);
+#ifdef QVPO_AMX
+    if (bf16) _tile_release();
+#endif
+    (void)bf16;
+}
+
+/* One forward pass of a Mish MLP for a block of rows_blk rows (rows r0.. of a seed, the last
+ * nr - 1.. repeated as padding): the first layer Mish(x W_a + sp[row / rows_per_state] + sb)
+ * (x: b->x, rows of A), L hidden H x H layers (Wp, bias: this seed's), the output layer
+ * eps = h Wt^T + b_out (O outputs) into b->eps, rows of O. */
+static void mlp_block(block_buffers *b, int64_t A, const float *sp, int64_t rows_per_state,
+                      const float *sb, const float *Wa, const void *Wp, const float *bias,
+                      const float *Wt, const float *b_out, int64_t O, int64_t L, int64_t H,
+                      int64_t r0, int64_t nr, int64_t rows_blk, int bf16) {
+    for (int64_t r = 0; r < rows_blk; r++) {
+        const int64_t row = r0 + (r < nr ? r : nr - 1);
+        const float *spr = sp + (row / rows_per_state) * H;
+        for (int64_t j = 0; j < H; j += 16) {
+            __m512 acc = _mm512_add_ps(_mm512_loadu_ps(spr + j), _mm512_loadu_ps(sb + j));
+            for (int64_t k = 0; k < A; k++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(b->x[r * A + k]), _mm512_loadu_ps(Wa + k * H + j), acc);
+            if (bf16) store16(b->h0, r * H + j, 0xFFFF, mish16_bf16(acc), 1);
+            else _mm512_store_ps((float *)b->h0 + r * H + j, mish16(acc));
+        }
+    }
+    void *hin = b->h0, *hout = b->h1;
+    for (int64_t l = 0; l < L; l++) {  /* the last hidden layer's output in float32 (hf) */
+        void *dst = l == L - 1 ? (void *)b->hf : hout;
+#ifdef QVPO_AMX
+        if (bf16)
+            amx_layer_mish(hin, (const uint16_t *)Wp + l * H * H, bias + l * H, dst, l == L - 1, H, b->C);
+        else
+#endif
+            fma_layer_mish(hin, (const float *)Wp + l * H * H, bias + l * H, dst, rows_blk, H);
+        void *tmp = hin; hin = hout; hout = tmp;
+    }
+    for (int64_t r = 0; r < rows_blk; r++) {
+        for (int64_t o = 0; o < O; o++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < H; j += 16)
+                acc = _mm512_fmadd_ps(_mm512_load_ps(b->hf + r * H + j), _mm512_loadu_ps(Wt + o * H + j), acc);
+            b->eps[r * O + o] = _mm512_reduce_add_ps(acc) + b_out[o];
+        }
+    }
+}
+
+/* Rows per block: bf16 (AMX) 32; float32 as few blocks as FMA_ROWS allows, of equal size
+ * rounded up to 4 rows (a behaviour action samples 4 rows, an evaluation action 32: padding
+ * them to 24 and 48 rows would do 6 and 1.5 times the work). */
+static int64_t block_rows(int64_t R, int bf16) {
+#ifdef QVPO_AMX
+    if (bf16) return AMX_ROWS;
+#endif
+    (void)bf16;
+    const int64_t nblk = (R + FMA_ROWS - 1) / FMA_ROWS;
+    return ((R + nblk - 1) / nblk + 3) / 4 * 4;
+}
+
+static int fused_shapes(int bf16, int64_t H, int64_t A, int64_t O, int64_t L) {
+    return qvpo_fused_available(bf16) && H % 32 == 0 && H <= 1024 && A >= 1 && A <= 32
+        && O >= 1 && O <= 32 && L >= 1;
+}
+#endif
+
 /* x_0 of R chains per seed after T denoising steps; returns 0, -1 (not available in this build
  * or precision, or unsupported widths) or -2 (out of memory).
  *   noise (N, T, R, A) float32: x_T, then the noise of steps T-1 .. 1;
@@ -446,35 +544,14 @@ int qvpo_sample_fused(const float *noise, const float *sp, const float *sb, cons
                       int64_t H, int64_t L, int64_t rows_per_state, int64_t sp_ss, int64_t wa_ss,
                       int clip_x0, int bf16, int threads) {
 #ifdef QVPO_FUSED
-    if (!qvpo_fused_available(bf16) || H % 32 || H > 1024 || A > 32 || A < 1 || L < 1) return -1;
-    /* float32: as few blocks as FMA_ROWS allows, of equal size rounded up to 4 rows (a
-     * behaviour action samples 4 rows, an evaluation action 32: padding them to 24 and 48 rows
-     * would do 6 and 1.5 times the work) */
-    const int64_t nblk = (R + FMA_ROWS - 1) / FMA_ROWS;
-    int64_t rows_blk = ((R + nblk - 1) / nblk + 3) / 4 * 4;
-#ifdef QVPO_AMX
-    if (bf16) rows_blk = AMX_ROWS;
-#endif
-    const int64_t blocks = (R + rows_blk - 1) / rows_blk;
-    const size_t elem = bf16 ? 2 : 4;
+    if (!fused_shapes(bf16, H, A, A, L)) return -1;
+    const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
+    const size_t welem = bf16 ? 2 : 4;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
     {
-#ifdef QVPO_AMX
-        if (bf16) {
-            tile_config cfg;
-            memset(&cfg, 0, sizeof cfg);
-            cfg.palette_id = 1;
-            for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-            _tile_loadconfig(&cfg);
-        }
-        float C[2][AMX_ROWS * 32] __attribute__((aligned(64)));  /* two: see amx_layer_mish */
-#endif
-        /* activations of one block: two alternating hidden buffers, and the last one in float32 */
-        void *h0 = aligned_alloc(64, rows_blk * H * elem), *h1 = aligned_alloc(64, rows_blk * H * elem);
-        float *hf = aligned_alloc(64, rows_blk * H * 4);
-        float x[MAX_ROWS * 32], eps[MAX_ROWS * 32];  /* A <= 32 */
-        if (!h0 || !h1 || !hf) {
+        block_buffers b;
+        if (!buffers_init(&b, rows_blk, H, bf16)) {
             #pragma omp atomic write
             failed = 1;
         } else {
@@ -484,69 +561,81 @@ int qvpo_sample_fused(const float *noise, const float *sp, const float *sb, cons
                 const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;  /* valid rows */
                 const float *nz = noise + s * T * R * A;
                 for (int64_t r = 0; r < rows_blk; r++)  /* padding rows repeat the last valid one */
-                    for (int64_t a = 0; a < A; a++) x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
+                    for (int64_t a = 0; a < A; a++) b.x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
                 for (int64_t i = T - 1; i >= 0; i--) {
-                    /* first layer: Mish(x W_a + W_s s + (W_t temb_t + b)) */
-                    const float *sbi = sb + (s * T + i) * H, *w = Wa + s * wa_ss;
-                    for (int64_t r = 0; r < rows_blk; r++) {
-                        const int64_t row = r0 + (r < nr ? r : nr - 1);
-                        const float *spr = sp + s * sp_ss + (row / rows_per_state) * H;
-                        for (int64_t j = 0; j < H; j += 16) {
-                            __m512 acc = _mm512_add_ps(_mm512_loadu_ps(spr + j), _mm512_loadu_ps(sbi + j));
-                            for (int64_t k = 0; k < A; k++)
-                                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * A + k]), _mm512_loadu_ps(w + k * H + j), acc);
-                            if (bf16) store16(h0, r * H + j, 0xFFFF, mish16_bf16(acc), 1);
-                            else _mm512_store_ps((float *)h0 + r * H + j, mish16(acc));
-                        }
-                    }
-                    /* hidden layers: matmul, bias and Mish; the last one's output in float32 (hf) */
-                    void *hin = h0, *hout = h1;
-                    for (int64_t l = 0; l < L; l++) {
-                        const float *bl = bias + (s * L + l) * H;
-                        void *dst = l == L - 1 ? (void *)hf : hout;
-#ifdef QVPO_AMX
-                        if (bf16) {
-                            amx_layer_mish(hin, (const uint16_t *)Wp + (s * L + l) * H * H, bl, dst, l == L - 1, H, C);
-                        } else
-#endif
-                        fma_layer_mish(hin, (const float *)Wp + (s * L + l) * H * H, bl, dst, rows_blk, H);
-                        void *tmp = hin; hin = hout; hout = tmp;
-                    }
-                    /* output layer (H -> A) and the posterior step, in float32 */
-                    const float *wt = Wt + s * A * H, *bo = b_out + s * A, *c = coefs + i * 5;
-                    for (int64_t r = 0; r < rows_blk; r++) {
-                        for (int64_t a = 0; a < A; a++) {
-                            __m512 acc = _mm512_setzero_ps();
-                            for (int64_t j = 0; j < H; j += 16)
-                                acc = _mm512_fmadd_ps(_mm512_load_ps(hf + r * H + j), _mm512_loadu_ps(wt + a * H + j), acc);
-                            eps[r * A + a] = _mm512_reduce_add_ps(acc) + bo[a];
-                        }
-                    }
-                    const float *z = i > 0 ? nz + (T - i) * R * A : NULL;
+                    mlp_block(&b, A, sp + s * sp_ss, rows_per_state, sb + (s * T + i) * H, Wa + s * wa_ss,
+                              (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * A * H,
+                              b_out + s * A, A, L, H, r0, nr, rows_blk, bf16);
+                    /* the posterior step, in float32 */
+                    const float *c = coefs + i * 5, *z = i > 0 ? nz + (T - i) * R * A : NULL;
                     for (int64_t r = 0; r < rows_blk; r++) {
                         const int64_t row = r0 + (r < nr ? r : nr - 1);
                         for (int64_t a = 0; a < A; a++) {
-                            const float xv = x[r * A + a];
-                            float x0 = c[0] * xv - c[1] * eps[r * A + a];
+                            const float xv = b.x[r * A + a];
+                            float x0 = c[0] * xv - c[1] * b.eps[r * A + a];
                             if (clip_x0) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
-                            x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
+                            b.x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
                         }
                     }
                 }
                 for (int64_t r = 0; r < nr; r++)
-                    for (int64_t a = 0; a < A; a++) out[(s * R + r0 + r) * A + a] = x[r * A + a];
+                    for (int64_t a = 0; a < A; a++) out[(s * R + r0 + r) * A + a] = b.x[r * A + a];
             }
         }
-        free(h0); free(h1); free(hf);
-#ifdef QVPO_AMX
-        if (bf16) _tile_release();
-#endif
+        buffers_free(&b, bf16);
     }
     return failed ? -2 : 0;
 #else
     (void)noise; (void)sp; (void)sb; (void)Wa; (void)Wp; (void)bias; (void)Wt; (void)b_out;
     (void)coefs; (void)out; (void)N; (void)T; (void)R; (void)A; (void)H; (void)L;
     (void)rows_per_state; (void)sp_ss; (void)wa_ss; (void)clip_x0; (void)bf16; (void)threads;
+    return -1;
+#endif
+}
+
+/* out = MLP(x) for R rows per seed, the same network arrangement as one denoising step: the
+ * first layer's input is [rows' own part x (A), a part shared by rows_per_state rows], e.g. a
+ * critic's Q(s, a) for k candidate actions per state. x (N, R, A) float32 contiguous; sp (N, S,
+ * H): the shared part's projection (seed stride sp_ss); b1 (N, H): the first layer's bias (seed
+ * stride b1_ss); Wa (N, A, H) (seed stride wa_ss); Wp, bias, as qvpo_sample_fused's; Wt (N, O,
+ * H), b_out (N, O): the output layer; out (N, R, O). Returns 0, -1 or -2 as qvpo_sample_fused. */
+int qvpo_mlp_fused(const float *x, const float *sp, const float *b1, const float *Wa,
+                   const void *Wp, const float *bias, const float *Wt, const float *b_out,
+                   float *out, int64_t N, int64_t R, int64_t A, int64_t H, int64_t L, int64_t O,
+                   int64_t rows_per_state, int64_t sp_ss, int64_t b1_ss, int64_t wa_ss, int bf16,
+                   int threads) {
+#ifdef QVPO_FUSED
+    if (!fused_shapes(bf16, H, A, O, L)) return -1;
+    const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
+    const size_t welem = bf16 ? 2 : 4;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
+    {
+        block_buffers b;
+        if (!buffers_init(&b, rows_blk, H, bf16)) {
+            #pragma omp atomic write
+            failed = 1;
+        } else {
+            #pragma omp for schedule(static)
+            for (int64_t job = 0; job < N * blocks; job++) {
+                const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
+                const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;
+                for (int64_t r = 0; r < rows_blk; r++)
+                    for (int64_t a = 0; a < A; a++) b.x[r * A + a] = x[(s * R + r0 + (r < nr ? r : nr - 1)) * A + a];
+                mlp_block(&b, A, sp + s * sp_ss, rows_per_state, b1 + s * b1_ss, Wa + s * wa_ss,
+                          (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * O * H,
+                          b_out + s * O, O, L, H, r0, nr, rows_blk, bf16);
+                for (int64_t r = 0; r < nr; r++)
+                    for (int64_t o = 0; o < O; o++) out[(s * R + r0 + r) * O + o] = b.eps[r * O + o];
+            }
+        }
+        buffers_free(&b, bf16);
+    }
+    return failed ? -2 : 0;
+#else
+    (void)x; (void)sp; (void)b1; (void)Wa; (void)Wp; (void)bias; (void)Wt; (void)b_out; (void)out;
+    (void)N; (void)R; (void)A; (void)H; (void)L; (void)O; (void)rows_per_state; (void)sp_ss;
+    (void)b1_ss; (void)wa_ss; (void)bf16; (void)threads;
     return -1;
 #endif
 }
