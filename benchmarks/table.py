@@ -68,6 +68,18 @@ def main(path: str) -> None:
         print(f"| {name} | {b.get('extra_info', {}).get('what', '')} | {fmt(st['median'])} | "
               f"{fmt(st['mean'])} | {st['rounds']} | {x_floor} | {vs_ref} |")
 
+    interleaved = [b for b in data["benchmarks"] if "ratio" in b.get("extra_info", {})]
+    if interleaved:
+        print("\n| one update over the floor measured in the same round | update (median) | floor (median) "
+              "| x floor: median (min - max over rounds) | reference / this |")
+        print("|---|---|---|---|---|")
+        for b in interleaved:
+            info = b["extra_info"]
+            med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+            r = info["ratio"]
+            print(f"| {info['what']} | {fmt(med(info['update_s']))} | {fmt(med(info['floor_s']))} | "
+                  f"{med(r):.2f} ({min(r):.2f} - {max(r):.2f}) | {REFERENCE_UPDATE_S / med(info['update_s']):.2f}x |")
+
     throughput = {}  # (algo, library) -> env steps / s
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})

@@ -4,6 +4,8 @@ gin/algos/qvpo.gin (batch 256, Nd 64, T 20, Kb = Kt = 4, eval K 32, 3 x 256 Mish
 Run with `make bench`; numbers go to the README with the machine they ran on.
 """
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,60 @@ def test_qvpo_update_fast_modes(benchmark, precision, compile, native, scoring):
     how = "torch.compile" if compile else ("native kernels" if native else "torch ops only")
     benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}, {how}, scoring {scoring}"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=2)
+
+
+def _seconds(fn, reps: int, batches: int = 1) -> float:
+    """Seconds per call: the fastest of `batches` batches of `reps` calls (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_qvpo_update_against_interleaved_floor(benchmark, mode):
+    """One update as a multiple of the floor measured in the same round, just before it: this
+    machine's speed drifts by a third within the hour, so a floor measured minutes apart (the
+    floor benchmarks) can make the ratio look better or worse than it is. Each round times the
+    floor's primitives (fp32 and bf16 matmul at the sampler's shape, one exp pass), then one
+    update; extra_info keeps every round's update time, floor and ratio. mode 'bf16': bf16
+    sampler and bf16 candidate scoring (the floor counts those matmuls at the bf16 rate)."""
+    from floor import Shapes, floor_seconds, update_costs
+    from test_bench_floor import H, ROWS
+
+    agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
+    if mode == "bf16":
+        for pol in (agent.policy, agent.policy_target):
+            pol.precision = "bf16"
+        for critic in (agent.critic, agent.critic_target):
+            critic.scoring_precision = "bf16"
+    x, w, e = torch.randn(ROWS, H), torch.randn(H, H), torch.randn(ROWS, H)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    out, outb = torch.empty(ROWS, H), torch.empty(ROWS, H, dtype=torch.bfloat16)
+    costs = update_costs(Shapes())
+    fast = {k: v for k, v in costs.items() if k.startswith(("sampling", "scoring"))}
+    rest = {k: v for k, v in costs.items() if k not in fast}
+    rounds = {"update_s": [], "floor_s": [], "ratio": []}
+
+    def one_round():
+        # the machine's best in this round: fastest of 5 batches of 20
+        fp32 = 2 * ROWS * H * H / _seconds(lambda: torch.mm(x, w, out=out), 20, 5)
+        bf16 = 2 * ROWS * H * H / _seconds(lambda: torch.mm(xb, wb, out=outb), 20, 5)
+        exp_s = _seconds(lambda: torch.exp(e, out=out), 20, 5) / (ROWS * H)
+        floor = (floor_seconds(costs, fp32, exp_s) if mode == "fp32"
+                 else floor_seconds(fast, bf16, exp_s) + floor_seconds(rest, fp32, exp_s))
+        update = _seconds(lambda: agent.update(buf, 20_000), 1)
+        for k, v in zip(rounds, (update, floor, update / floor)):
+            rounds[k].append(round(v, 4))
+
+    agent.update(buf, 20_000)
+    benchmark.pedantic(one_round, rounds=7, warmup_rounds=0)
+    benchmark.extra_info.update(what=f"one QVPO update ({mode}{' sampling and scoring' if mode == 'bf16' else ''}) "
+                                     "over the floor measured in the same round", **rounds)
 
 
 def test_qvpo_behaviour_action_kb4(benchmark, agent_and_buffer):
