@@ -194,6 +194,20 @@ class DiffusionPolicy(nn.Module):
         step_bias = torch.baddbmm(first.bias, den.step_embeddings(T), W_t)  # (N, T, H)
         state_proj = torch.bmm(states, W_s)                                  # (N, B, H)
         dtype = torch.bfloat16 if self.precision == "bf16" else states.dtype
+        if noise is None:  # all of it at once: the same draws whatever the blocking (or kernels)
+            noise = (rng.randn(T, B * n, A) if rng is not None
+                     else torch.randn(N, T, B * n, A, device=states.device))
+        fused = self.native and not self.compile and den.activation == "mish" and native.usable(states)
+        widths = [lin.out_features for lin in den.linears]  # hidden widths, then A
+        bf16 = dtype == torch.bfloat16
+        if (fused and self.fused and B * n > 0 and len(rest) >= 2 and native.fused_shapes_ok(widths[:-1], A)
+                and native.fused_usable(bf16)):
+            # every step of every chain in one native call (sampler.c): blocks of chains through
+            # all T steps with their activations in cache; hidden layers on AVX-512 FMA or AMX
+            out = native.sample_fused(
+                noise, state_proj, step_bias, W_a, [(lin.weight, lin.bias) for lin in rest[:-1]],
+                rest[-1].weight.transpose(1, 2), rest[-1].bias, self.schedule.step_coefs, self.clip_x0, bf16)
+            return out.clamp_(-1.0, 1.0).view(N, B, n, A)
         hidden = [(lin.weight.to(dtype), lin.bias.to(dtype)) for lin in rest]
         # per-step constants: a tensor row for the compiled step (no recompile per value), Python
         # floats for the eager one (no indexing kernels on the hot path)
@@ -202,22 +216,8 @@ class DiffusionPolicy(nn.Module):
         # torch ops only when compiled (a native call would break the graph) or asked to
         act = ((mish if self.native and not self.compile else mish_torch) if den.activation == "mish"
                else make_activation(den.activation))
-        if noise is None:  # all of it at once: the same draws whatever the blocking (or kernels)
-            noise = (rng.randn(T, B * n, A) if rng is not None
-                     else torch.randn(N, T, B * n, A, device=states.device))
-        fused = self.native and not self.compile and den.activation == "mish" and native.usable(states)
         biases32 = [lin.bias for lin in rest]
         out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if fused and len(rest) >= 2 else None
-        widths = [first.weight.shape[-1]] + [w.shape[-1] for w, _ in hidden]
-        bf16 = dtype == torch.bfloat16
-        if (fused and self.fused and len(rest) >= 2 and native.fused_shapes_ok(widths[:-1], A)
-                and native.fused_usable(bf16)):
-            # every step of every chain in one native call (sampler.c): blocks of chains through
-            # all T steps with their activations in cache; hidden layers on AVX-512 FMA or AMX
-            out = native.sample_fused(
-                noise, state_proj, step_bias, W_a, [(lin.weight, lin.bias) for lin in rest[:-1]],
-                rest[-1].weight.transpose(1, 2), rest[-1].bias, self.schedule.step_coefs, self.clip_x0, bf16)
-            return out.clamp_(-1.0, 1.0).view(N, B, n, A)
         out = torch.empty(N, B * n, A, device=states.device)
         # default block: all rows on CUDA (launch-bound); on CPU up to 16384 rows with the native
         # kernels (they fuse the element-wise work, so large matmuls win), 2048 with torch ops

@@ -204,14 +204,16 @@ def fused_or_skip(precision: str) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("hidden,A,seeds,threads,B,n", [
     ((64, 64, 64), 3, 2, 1, 7, 9),     # 63 rows: blocks that do not divide them
-    ((32, 32), 1, 1, 2, 1, 4),         # one AMX/FMA layer; a behaviour action's 4 rows, 2 threads
-    ((32, 32, 32, 32), 6, 1, 2, 8, 4),  # three layers; an evaluation action's 32 rows
+    ((64, 64, 64), 3, 2, 2, 7, 9),     # the same on two threads (several blocks per thread)
+    ((32, 32), 1, 1, 2, 1, 4),         # one AMX/FMA layer; a behaviour action's 4 rows
+    ((32, 32, 32, 32), 6, 2, 2, 8, 4),  # three layers; an evaluation action's 32 rows, 2 seeds
 ])
 def test_fused_sampler_matches_unfused_and_plain_sampler(tiny, monkeypatch, precision, hidden, A, seeds,
                                                          threads, B, n):
     """The whole-chain sampler in one native call (fp32: AVX-512 FMA, bf16: AMX) against the
     per-layer path (torch matmuls + kernels) and the plain float32 loop: one or three hidden
-    layers, row counts that are not a multiple of its blocks, several seeds, one or two threads."""
+    layers, row counts that are not a multiple of its blocks, one or two seeds with their own
+    biases, one or two threads."""
     fused_or_skip(precision)
     from qvpo import native
     import gin
@@ -221,6 +223,9 @@ def test_fused_sampler_matches_unfused_and_plain_sampler(tiny, monkeypatch, prec
     monkeypatch.setattr(native, "sample_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(2)
     pol = DiffusionPolicy(state_dim=5, action_dim=A, generators=gens(seeds), precision=precision)
+    with torch.no_grad():  # biases that are not zero and differ per seed (the init's are zero)
+        for lin in pol.denoiser.linears:
+            lin.bias.add_(0.1 * torch.randn_like(lin.bias))
     states = torch.randn(seeds, B, 5)
     noise = torch.randn(seeds, pol.T, B * n, A)
     old = torch.get_num_threads()
@@ -238,9 +243,9 @@ def test_fused_sampler_matches_unfused_and_plain_sampler(tiny, monkeypatch, prec
     if precision == "fp32":  # the same maths, summed in another order
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     else:
-        # bf16 rounding gives differences of a few 1e-4 here; a 2% error in one posterior
-        # coefficient gives 1.3e-2
-        assert (fused - unfused).abs().max() < 2e-3 and (fused - plain).abs().max() < 2e-3
+        # bf16 rounding: fused vs per-layer bf16 up to 5e-4 here, either vs fp32 up to 5e-3; a 2%
+        # error in one posterior coefficient gives 1.3e-2
+        assert (fused - unfused).abs().max() < 2e-3 and (fused - plain).abs().max() < 1e-2
         assert (fused - plain).abs().max() > 0  # bf16 did run
 
 

@@ -133,6 +133,13 @@ def test_wrappers_refuse_layouts_the_kernels_would_misread():
         native.sample_fused(torch.randn(2, 3, 10, 2), torch.randn(2, 3, 32), torch.randn(2, 3, 32),
                             torch.randn(2, 2, 32), hidden, torch.randn(2, 2, 32), torch.randn(2, 2),
                             torch.randn(3, 5), True, False)
+    with pytest.raises(ValueError, match="needs rows"):  # no rows: nothing for the C code to divide into blocks
+        native.sample_fused(torch.randn(2, 3, 0, 2), torch.randn(2, 0, 32), torch.randn(2, 3, 32),
+                            torch.randn(2, 2, 32), hidden, torch.randn(2, 2, 32), torch.randn(2, 2),
+                            torch.randn(3, 5), True, False)
+    with pytest.raises(ValueError, match="first-layer bias"):  # (1, N*H): seed 1's bias past the end
+        native.mlp_fused(torch.randn(2, 6, 2), torch.randn(2, 3, 32), torch.randn(1, 64), torch.randn(2, 2, 32),
+                         hidden, torch.randn(2, 1, 32), torch.randn(2, 1), False)
     with pytest.raises(ValueError, match="unsupported widths"):  # 40 is not a multiple of 32
         native.mlp_fused(torch.randn(2, 6, 2), torch.randn(2, 3, 40), torch.randn(2, 40), torch.randn(2, 2, 40),
                          [(torch.randn(2, 40, 40), torch.randn(2, 40))], torch.randn(2, 1, 40), torch.randn(2, 1), False)

@@ -314,6 +314,7 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
     N, T, R, A = noise.shape
     H, S, L = W_a.shape[-1], state_part.shape[1], len(hidden)
     _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1, "sample_fused: unsupported widths")
+    _check(R >= 1 and T >= 1 and N >= 1, f"sample_fused: needs rows, steps and seeds, got {tuple(noise.shape)}")
     _check(R % S == 0, "sample_fused: rows must be a multiple of states")
     for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
         _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
@@ -329,7 +330,7 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
     Wp, bias = _pack_hidden(hidden, N, H, bf16)
     noise, step_part, W_out_t = noise.contiguous(), step_part.contiguous(), W_out_t.contiguous()
     b_out, coefs = b_out.reshape(N, A).contiguous(), coefs.contiguous()
-    out = torch.empty(N, R, A)
+    out = torch.empty(N, R, A, dtype=torch.float32)
     rc = library().qvpo_sample_fused(
         noise.data_ptr(), state_part.data_ptr(), step_part.data_ptr(), W_a.data_ptr(), Wp.data_ptr(),
         bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(), coefs.data_ptr(), out.data_ptr(),
@@ -345,7 +346,7 @@ def _pack_hidden(hidden, N: int, H: int, bf16: bool) -> tuple[torch.Tensor, torc
     L = len(hidden)
     Wp = torch.empty((N, L) + packed_view(hidden[0][0], bf16).shape[1:],
                      dtype=torch.bfloat16 if bf16 else torch.float32)
-    bias = torch.empty(N, L, H)
+    bias = torch.empty(N, L, H, dtype=torch.float32)
     for j, (w, b) in enumerate(hidden):
         Wp[:, j].copy_(packed_view(w.to(Wp.dtype), bf16))  # convert first: a strided conversion is slow
         bias[:, j].copy_(b.reshape(N, H))
@@ -373,19 +374,21 @@ def mlp_fused(x: torch.Tensor, state_part: torch.Tensor, b1: torch.Tensor, W_a: 
     H, S, L, O = W_a.shape[-1], state_part.shape[1], len(hidden), W_out_t.shape[1]
     _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1 and 1 <= O <= MAX_OUT,
            "mlp_fused: unsupported widths")
+    _check(R >= 1 and N >= 1, f"mlp_fused: needs rows and seeds, got {tuple(x.shape)}")
     _check(R % S == 0, "mlp_fused: rows must be a multiple of states")
     for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
         _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
                f"mlp_fused: bad {tuple(t.shape)}")
-    _check(b1.numel() == N * H and b1.stride(-1) == 1 and W_out_t.shape == (N, O, H) and b_out.numel() == N * O,
-           "mlp_fused: bad first-layer bias or output layer")
+    _check(b1.shape[0] == N and b1.shape[-1] == H and b1.numel() == N * H and b1.stride(-1) == 1,
+           f"mlp_fused: bad first-layer bias {tuple(b1.shape)}")
+    _check(W_out_t.shape == (N, O, H) and b_out.numel() == N * O, "mlp_fused: bad output layer")
     for w, b in hidden:
         _check(w.shape == (N, H, H) and b.numel() == N * H, "mlp_fused: bad hidden layer")
     for t in [x, state_part, b1, W_a, W_out_t, b_out] + [t for layer in hidden for t in layer]:
         _check(t.dtype == torch.float32 and t.device.type == "cpu", "mlp_fused: CPU float32 inputs only")
     Wp, bias = _pack_hidden(hidden, N, H, bf16)
     x, W_out_t, b_out = x.contiguous(), W_out_t.contiguous(), b_out.reshape(N, O).contiguous()
-    out = torch.empty(N, R, O)
+    out = torch.empty(N, R, O, dtype=torch.float32)
     rc = library().qvpo_mlp_fused(
         x.data_ptr(), state_part.data_ptr(), b1.data_ptr(), W_a.data_ptr(), Wp.data_ptr(), bias.data_ptr(),
         W_out_t.data_ptr(), b_out.data_ptr(), out.data_ptr(), N, R, A, H, L, O, R // S,

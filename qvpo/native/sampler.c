@@ -544,43 +544,45 @@ int qvpo_sample_fused(const float *noise, const float *sp, const float *sb, cons
                       int64_t H, int64_t L, int64_t rows_per_state, int64_t sp_ss, int64_t wa_ss,
                       int clip_x0, int bf16, int threads) {
 #ifdef QVPO_FUSED
-    if (!fused_shapes(bf16, H, A, A, L)) return -1;
+    if (!fused_shapes(bf16, H, A, A, L) || N < 1 || R < 1 || T < 1 || rows_per_state < 1) return -1;
     const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
     const size_t welem = bf16 ? 2 : 4;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
     {
         block_buffers b;
-        if (!buffers_init(&b, rows_blk, H, bf16)) {
+        const int ok = buffers_init(&b, rows_blk, H, bf16);
+        if (!ok) {
             #pragma omp atomic write
             failed = 1;
-        } else {
-            #pragma omp for schedule(static)
-            for (int64_t job = 0; job < N * blocks; job++) {
-                const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
-                const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;  /* valid rows */
-                const float *nz = noise + s * T * R * A;
-                for (int64_t r = 0; r < rows_blk; r++)  /* padding rows repeat the last valid one */
-                    for (int64_t a = 0; a < A; a++) b.x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
-                for (int64_t i = T - 1; i >= 0; i--) {
-                    mlp_block(&b, A, sp + s * sp_ss, rows_per_state, sb + (s * T + i) * H, Wa + s * wa_ss,
-                              (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * A * H,
-                              b_out + s * A, A, L, H, r0, nr, rows_blk, bf16);
-                    /* the posterior step, in float32 */
-                    const float *c = coefs + i * 5, *z = i > 0 ? nz + (T - i) * R * A : NULL;
-                    for (int64_t r = 0; r < rows_blk; r++) {
-                        const int64_t row = r0 + (r < nr ? r : nr - 1);
-                        for (int64_t a = 0; a < A; a++) {
-                            const float xv = b.x[r * A + a];
-                            float x0 = c[0] * xv - c[1] * b.eps[r * A + a];
-                            if (clip_x0) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
-                            b.x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
-                        }
+        }
+        /* every thread must reach the worksharing loop: one without buffers skips its jobs */
+        #pragma omp for schedule(static)
+        for (int64_t job = 0; job < N * blocks; job++) {
+            if (!ok) continue;
+            const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
+            const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;  /* valid rows */
+            const float *nz = noise + s * T * R * A;
+            for (int64_t r = 0; r < rows_blk; r++)  /* padding rows repeat the last valid one */
+                for (int64_t a = 0; a < A; a++) b.x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
+            for (int64_t i = T - 1; i >= 0; i--) {
+                mlp_block(&b, A, sp + s * sp_ss, rows_per_state, sb + (s * T + i) * H, Wa + s * wa_ss,
+                          (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * A * H,
+                          b_out + s * A, A, L, H, r0, nr, rows_blk, bf16);
+                /* the posterior step, in float32 */
+                const float *c = coefs + i * 5, *z = i > 0 ? nz + (T - i) * R * A : NULL;
+                for (int64_t r = 0; r < rows_blk; r++) {
+                    const int64_t row = r0 + (r < nr ? r : nr - 1);
+                    for (int64_t a = 0; a < A; a++) {
+                        const float xv = b.x[r * A + a];
+                        float x0 = c[0] * xv - c[1] * b.eps[r * A + a];
+                        if (clip_x0) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
+                        b.x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
                     }
                 }
-                for (int64_t r = 0; r < nr; r++)
-                    for (int64_t a = 0; a < A; a++) out[(s * R + r0 + r) * A + a] = b.x[r * A + a];
             }
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t a = 0; a < A; a++) out[(s * R + r0 + r) * A + a] = b.x[r * A + a];
         }
         buffers_free(&b, bf16);
     }
@@ -605,29 +607,31 @@ int qvpo_mlp_fused(const float *x, const float *sp, const float *b1, const float
                    int64_t rows_per_state, int64_t sp_ss, int64_t b1_ss, int64_t wa_ss, int bf16,
                    int threads) {
 #ifdef QVPO_FUSED
-    if (!fused_shapes(bf16, H, A, O, L)) return -1;
+    if (!fused_shapes(bf16, H, A, O, L) || N < 1 || R < 1 || rows_per_state < 1) return -1;
     const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
     const size_t welem = bf16 ? 2 : 4;
     int failed = 0;
     #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
     {
         block_buffers b;
-        if (!buffers_init(&b, rows_blk, H, bf16)) {
+        const int ok = buffers_init(&b, rows_blk, H, bf16);
+        if (!ok) {
             #pragma omp atomic write
             failed = 1;
-        } else {
-            #pragma omp for schedule(static)
-            for (int64_t job = 0; job < N * blocks; job++) {
-                const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
-                const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;
-                for (int64_t r = 0; r < rows_blk; r++)
-                    for (int64_t a = 0; a < A; a++) b.x[r * A + a] = x[(s * R + r0 + (r < nr ? r : nr - 1)) * A + a];
-                mlp_block(&b, A, sp + s * sp_ss, rows_per_state, b1 + s * b1_ss, Wa + s * wa_ss,
-                          (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * O * H,
-                          b_out + s * O, O, L, H, r0, nr, rows_blk, bf16);
-                for (int64_t r = 0; r < nr; r++)
-                    for (int64_t o = 0; o < O; o++) out[(s * R + r0 + r) * O + o] = b.eps[r * O + o];
-            }
+        }
+        /* every thread must reach the worksharing loop: one without buffers skips its jobs */
+        #pragma omp for schedule(static)
+        for (int64_t job = 0; job < N * blocks; job++) {
+            if (!ok) continue;
+            const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
+            const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;
+            for (int64_t r = 0; r < rows_blk; r++)
+                for (int64_t a = 0; a < A; a++) b.x[r * A + a] = x[(s * R + r0 + (r < nr ? r : nr - 1)) * A + a];
+            mlp_block(&b, A, sp + s * sp_ss, rows_per_state, b1 + s * b1_ss, Wa + s * wa_ss,
+                      (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * O * H,
+                      b_out + s * O, O, L, H, r0, nr, rows_blk, bf16);
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t o = 0; o < O; o++) out[(s * R + r0 + r) * O + o] = b.eps[r * O + o];
         }
         buffers_free(&b, bf16);
     }
