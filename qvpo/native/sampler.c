@@ -527,6 +527,66 @@ static int fused_shapes(int bf16, int64_t H, int64_t A, int64_t O, int64_t L) {
 }
 #endif
 
+#ifdef QVPO_FUSED
+/* The block loop of both fused calls, OpenMP over (seed, block) jobs. steps > 0: sampling, `src`
+ * is the noise (N, steps, R, A) and each block runs `steps` denoising steps (MLP, then the
+ * posterior), writing x_0 (N, R, A); steps == 0: one MLP pass, `src` the rows' inputs (N, R, A),
+ * writing the outputs (N, R, O). sb: the first layer's per-step (or, steps == 0, only) bias
+ * term, seed stride sb_ss. Returns 0, or -2 if a thread could not allocate its buffers. */
+static int fused_blocks(const float *src, const float *sp, int64_t sp_ss, const float *sb,
+                        int64_t sb_ss, const float *Wa, int64_t wa_ss, const void *Wp,
+                        const float *bias, const float *Wt, const float *b_out, int64_t O,
+                        const float *coefs, float *out, int64_t N, int64_t steps, int64_t R,
+                        int64_t A, int64_t H, int64_t L, int64_t rows_per_state, int clip_x0,
+                        int bf16, int threads) {
+    const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
+    const int64_t T = steps > 0 ? steps : 1;  /* src holds T slices of (R, A) per seed */
+    const size_t welem = bf16 ? 2 : 4;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
+    {
+        block_buffers b;
+        const int ok = buffers_init(&b, rows_blk, H, bf16);
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        /* every thread must reach the worksharing loop: one without buffers skips its jobs */
+        #pragma omp for schedule(static)
+        for (int64_t job = 0; job < N * blocks; job++) {
+            if (!ok) continue;
+            const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
+            const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;  /* valid rows */
+            const float *in = src + s * T * R * A;
+            for (int64_t r = 0; r < rows_blk; r++)  /* padding rows repeat the last valid one */
+                for (int64_t a = 0; a < A; a++) b.x[r * A + a] = in[(r0 + (r < nr ? r : nr - 1)) * A + a];
+            for (int64_t i = T - 1; i >= 0; i--) {
+                mlp_block(&b, A, sp + s * sp_ss, rows_per_state, sb + s * sb_ss + (steps > 0 ? i * H : 0),
+                          Wa + s * wa_ss, (const char *)Wp + s * L * H * H * welem, bias + s * L * H,
+                          Wt + s * O * H, b_out + s * O, O, L, H, r0, nr, rows_blk, bf16);
+                if (steps == 0) break;
+                /* the posterior step, in float32 */
+                const float *c = coefs + i * 5, *z = i > 0 ? in + (T - i) * R * A : NULL;
+                for (int64_t r = 0; r < rows_blk; r++) {
+                    const int64_t row = r0 + (r < nr ? r : nr - 1);
+                    for (int64_t a = 0; a < A; a++) {
+                        const float xv = b.x[r * A + a];
+                        float x0 = c[0] * xv - c[1] * b.eps[r * A + a];
+                        if (clip_x0) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
+                        b.x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
+                    }
+                }
+            }
+            const float *res = steps > 0 ? b.x : b.eps;
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t o = 0; o < O; o++) out[(s * R + r0 + r) * O + o] = res[r * O + o];
+        }
+        buffers_free(&b, bf16);
+    }
+    return failed ? -2 : 0;
+}
+#endif
+
 /* x_0 of R chains per seed after T denoising steps; returns 0, -1 (not available in this build
  * or precision, or unsupported widths) or -2 (out of memory).
  *   noise (N, T, R, A) float32: x_T, then the noise of steps T-1 .. 1;
@@ -545,48 +605,8 @@ int qvpo_sample_fused(const float *noise, const float *sp, const float *sb, cons
                       int clip_x0, int bf16, int threads) {
 #ifdef QVPO_FUSED
     if (!fused_shapes(bf16, H, A, A, L) || N < 1 || R < 1 || T < 1 || rows_per_state < 1) return -1;
-    const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
-    const size_t welem = bf16 ? 2 : 4;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
-    {
-        block_buffers b;
-        const int ok = buffers_init(&b, rows_blk, H, bf16);
-        if (!ok) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        /* every thread must reach the worksharing loop: one without buffers skips its jobs */
-        #pragma omp for schedule(static)
-        for (int64_t job = 0; job < N * blocks; job++) {
-            if (!ok) continue;
-            const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
-            const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;  /* valid rows */
-            const float *nz = noise + s * T * R * A;
-            for (int64_t r = 0; r < rows_blk; r++)  /* padding rows repeat the last valid one */
-                for (int64_t a = 0; a < A; a++) b.x[r * A + a] = nz[(r0 + (r < nr ? r : nr - 1)) * A + a];
-            for (int64_t i = T - 1; i >= 0; i--) {
-                mlp_block(&b, A, sp + s * sp_ss, rows_per_state, sb + (s * T + i) * H, Wa + s * wa_ss,
-                          (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * A * H,
-                          b_out + s * A, A, L, H, r0, nr, rows_blk, bf16);
-                /* the posterior step, in float32 */
-                const float *c = coefs + i * 5, *z = i > 0 ? nz + (T - i) * R * A : NULL;
-                for (int64_t r = 0; r < rows_blk; r++) {
-                    const int64_t row = r0 + (r < nr ? r : nr - 1);
-                    for (int64_t a = 0; a < A; a++) {
-                        const float xv = b.x[r * A + a];
-                        float x0 = c[0] * xv - c[1] * b.eps[r * A + a];
-                        if (clip_x0) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
-                        b.x[r * A + a] = c[2] * x0 + c[3] * xv + (z ? c[4] * z[row * A + a] : 0.0f);
-                    }
-                }
-            }
-            for (int64_t r = 0; r < nr; r++)
-                for (int64_t a = 0; a < A; a++) out[(s * R + r0 + r) * A + a] = b.x[r * A + a];
-        }
-        buffers_free(&b, bf16);
-    }
-    return failed ? -2 : 0;
+    return fused_blocks(noise, sp, sp_ss, sb, T * H, Wa, wa_ss, Wp, bias, Wt, b_out, A, coefs, out,
+                        N, T, R, A, H, L, rows_per_state, clip_x0, bf16, threads);
 #else
     (void)noise; (void)sp; (void)sb; (void)Wa; (void)Wp; (void)bias; (void)Wt; (void)b_out;
     (void)coefs; (void)out; (void)N; (void)T; (void)R; (void)A; (void)H; (void)L;
@@ -608,34 +628,8 @@ int qvpo_mlp_fused(const float *x, const float *sp, const float *b1, const float
                    int threads) {
 #ifdef QVPO_FUSED
     if (!fused_shapes(bf16, H, A, O, L) || N < 1 || R < 1 || rows_per_state < 1) return -1;
-    const int64_t rows_blk = block_rows(R, bf16), blocks = (R + rows_blk - 1) / rows_blk;
-    const size_t welem = bf16 ? 2 : 4;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if(threads > 1 && N * blocks > 1)
-    {
-        block_buffers b;
-        const int ok = buffers_init(&b, rows_blk, H, bf16);
-        if (!ok) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        /* every thread must reach the worksharing loop: one without buffers skips its jobs */
-        #pragma omp for schedule(static)
-        for (int64_t job = 0; job < N * blocks; job++) {
-            if (!ok) continue;
-            const int64_t s = job / blocks, r0 = (job % blocks) * rows_blk;
-            const int64_t nr = R - r0 < rows_blk ? R - r0 : rows_blk;
-            for (int64_t r = 0; r < rows_blk; r++)
-                for (int64_t a = 0; a < A; a++) b.x[r * A + a] = x[(s * R + r0 + (r < nr ? r : nr - 1)) * A + a];
-            mlp_block(&b, A, sp + s * sp_ss, rows_per_state, b1 + s * b1_ss, Wa + s * wa_ss,
-                      (const char *)Wp + s * L * H * H * welem, bias + s * L * H, Wt + s * O * H,
-                      b_out + s * O, O, L, H, r0, nr, rows_blk, bf16);
-            for (int64_t r = 0; r < nr; r++)
-                for (int64_t o = 0; o < O; o++) out[(s * R + r0 + r) * O + o] = b.eps[r * O + o];
-        }
-        buffers_free(&b, bf16);
-    }
-    return failed ? -2 : 0;
+    return fused_blocks(x, sp, sp_ss, b1, b1_ss, Wa, wa_ss, Wp, bias, Wt, b_out, O, NULL, out,
+                        N, 0, R, A, H, L, rows_per_state, 0, bf16, threads);
 #else
     (void)x; (void)sp; (void)b1; (void)Wa; (void)Wp; (void)bias; (void)Wt; (void)b_out; (void)out;
     (void)N; (void)R; (void)A; (void)H; (void)L; (void)O; (void)rows_per_state; (void)sp_ss;
