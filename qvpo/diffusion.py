@@ -131,10 +131,10 @@ class DiffusionPolicy(nn.Module):
       clip_x0: clamp the predicted x0 to [-1, 1] at each sampling step (QVPO.md: yes).
       precision: 'fp32', or 'bf16' to run the sampler's hidden layers in bfloat16 (opt-in speed
         mode for CPUs with native bf16 matmul and for GPUs; training stays float32).
-      block_rows: candidate rows per block in the sampler (a speed knob; same maths). None =
-        one block on CUDA (there the sampler is launch-bound: fewer, larger kernels win); on CPU
-        16384 with the native kernels (larger matmuls win) and 2048 with torch ops (a block's
-        activations stay in L2 between their passes).
+      block_rows: candidate rows per block in the per-layer sampler (a speed knob; same maths;
+        the fused one sizes its own blocks). None = one block on CUDA (there the sampler is
+        launch-bound: fewer, larger kernels win); on CPU 16384 with the native kernels (larger
+        matmuls win) and 2048 with torch ops (a block's activations stay in L2 between passes).
       compile: torch.compile the denoising step (static shapes, one graph per block shape), which
         fuses Mish and the adds around the matmuls; costs a compilation at the first call of each
         shape. Off by default and in tests.
