@@ -61,3 +61,13 @@ def update_costs(s: Shapes) -> dict[str, tuple[float, float]]:
 def floor_seconds(costs: dict[str, tuple[float, float]], matmul_flops_per_s: float,
                   act_s_per_element: float) -> float:
     return sum(f / matmul_flops_per_s + a * act_s_per_element for f, a in costs.values())
+
+
+def mixed_floor(costs: dict[str, tuple[float, float]], fp32_flops_per_s: float, bf16_flops_per_s: float,
+                act_s_per_element: float, bf16_parts: tuple[str, ...] = ()) -> float:
+    """The floor with the parts whose names start with one of `bf16_parts` (e.g. "sampling",
+    "scoring") at the bf16 matmul rate and the rest at the fp32 rate."""
+    fast = {k: v for k, v in costs.items() if bf16_parts and k.startswith(bf16_parts)}
+    rest = {k: v for k, v in costs.items() if k not in fast}
+    return (floor_seconds(fast, bf16_flops_per_s, act_s_per_element)
+            + floor_seconds(rest, fp32_flops_per_s, act_s_per_element))

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from floor import Shapes, floor_seconds, sampler_costs, update_costs  # noqa: E402
+from floor import Shapes, floor_seconds, mixed_floor, sampler_costs, update_costs  # noqa: E402
 
 REFERENCE_UPDATE_S = 1.7  # the authors' code on this 2-core CPU (shared/paper/QVPO.md, "Cost")
 
@@ -27,27 +27,21 @@ def main(path: str) -> None:
         med = lambda k: bench[k]["stats"]["median"]  # noqa: E731
         fp32 = bench["test_floor_matmul_fp32"]["extra_info"]["flops"] / med("test_floor_matmul_fp32")
         exp_s = med("test_floor_exp_pass") / bench["test_floor_exp_pass"]["extra_info"]["elements"]
-        s = Shapes()
-        floors["fp32"] = floor_seconds(update_costs(s), fp32, exp_s)
+        costs = update_costs(Shapes())
+        floors["fp32"] = floor_seconds(costs, fp32, exp_s)
         beh = {"sampling": sampler_costs(Shapes(batch=1, Nd=4), 4)}
         floors["act_kb4"] = floor_seconds(beh, fp32, exp_s)
         floors["act_k32"] = floor_seconds({"sampling": sampler_costs(Shapes(batch=1, Nd=32), 32)}, fp32, exp_s)
         lines = [f"- matmul at the sampler's shape: fp32 {fp32 / 1e9:.0f} GFLOP/s"]
         if "test_floor_matmul_bf16" in bench:
             bf16 = bench["test_floor_matmul_bf16"]["extra_info"]["flops"] / med("test_floor_matmul_bf16")
-            costs = update_costs(s)
-            # bf16 mode: the samplers' matmuls in bf16, the rest (scoring, training) in fp32
-            samp = {k: v for k, v in costs.items() if k.startswith("sampling")}
-            rest = {k: v for k, v in costs.items() if not k.startswith("sampling")}
-            floors["bf16"] = floor_seconds(samp, bf16, exp_s) + floor_seconds(rest, fp32, exp_s)
+            # bf16 sampler: the samplers' matmuls in bf16, the rest (scoring, training) in fp32;
             # with TwinQ.scoring_precision = 'bf16' the candidates' scoring too
-            score = {k: v for k, v in rest.items() if k.startswith("scoring")}
-            train = {k: v for k, v in rest.items() if not k.startswith("scoring")}
-            floors["bf16_score"] = (floor_seconds({**samp, **score}, bf16, exp_s)
-                                    + floor_seconds(train, fp32, exp_s))
+            floors["bf16"] = mixed_floor(costs, fp32, bf16, exp_s, ("sampling",))
+            floors["bf16_score"] = mixed_floor(costs, fp32, bf16, exp_s, ("sampling", "scoring"))
             lines[0] += f", bf16 {bf16 / 1e9:.0f} GFLOP/s"
         lines.append(f"- one exp pass: {exp_s * 1e9:.3f} ns per element")
-        total = sum(f for f, _ in update_costs(s).values())
+        total = sum(f for f, _ in costs.values())
         lines.append(f"- one QVPO update at the paper's settings: {total / 1e9:.1f} GFLOP; floor "
                      f"{floors['fp32']:.3f} s in fp32" + (f", {floors['bf16']:.3f} s with a bf16 sampler, {floors['bf16_score']:.3f} s "
                      "with bf16 sampling and scoring" if "bf16" in floors else ""))

@@ -29,7 +29,18 @@ def _buffers():
 
 @pytest.fixture(scope="module")
 def agent_and_buffer():
-    return QVPO(OBS, ACT, device="cpu"), _buffers()
+    return _agent(), _buffers()
+
+
+def _agent(precision="fp32", scoring="fp32", compile=False, native=True) -> QVPO:
+    """QVPO at the paper's settings with these sampler and scoring modes (policy and its target,
+    critic and its target alike)."""
+    agent = QVPO(OBS, ACT, device="cpu")
+    for pol in (agent.policy, agent.policy_target):
+        pol.precision, pol.compile, pol.native = precision, compile, native
+    for critic in (agent.critic, agent.critic_target):
+        critic.scoring_precision = scoring
+    return agent
 
 
 def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
@@ -45,17 +56,13 @@ def test_qvpo_update_fast_modes(benchmark, precision, compile, native, scoring):
     """The other sampler modes: torch ops only (no native kernels), torch.compile of the denoising
     step (which uses torch ops), and the bf16 sampler (native kernels: on AMX CPUs the whole-chain
     AMX sampler; or compiled), with candidate scoring in fp32 or bf16 (TwinQ.scoring_precision)."""
-    agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
-    for pol in (agent.policy, agent.policy_target):
-        pol.precision, pol.compile, pol.native = precision, compile, native
-    for critic in (agent.critic, agent.critic_target):
-        critic.scoring_precision = scoring
+    agent, buf = _agent(precision, scoring, compile, native), _buffers()
     how = "torch.compile" if compile else ("native kernels" if native else "torch ops only")
     benchmark.extra_info["what"] = f"one QVPO update, sampler {precision}, {how}, scoring {scoring}"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=2)
 
 
-def _seconds(fn, reps: int, batches: int = 1) -> float:
+def _seconds(fn, reps: int, batches: int) -> float:
     """Seconds per call: the fastest of `batches` batches of `reps` calls (after one warm-up)."""
     fn()
     best = float("inf")
@@ -75,31 +82,26 @@ def test_qvpo_update_against_interleaved_floor(benchmark, mode):
     floor's primitives (fp32 and bf16 matmul at the sampler's shape, one exp pass), then one
     update; extra_info keeps every round's update time, floor and ratio. mode 'bf16': bf16
     sampler and bf16 candidate scoring (the floor counts those matmuls at the bf16 rate)."""
-    from floor import Shapes, floor_seconds, update_costs
-    from test_bench_floor import H, ROWS
+    from floor import Shapes, mixed_floor, update_costs
+    from test_bench_floor import H, ROWS, _mm
 
-    agent, buf = QVPO(OBS, ACT, device="cpu"), _buffers()
-    if mode == "bf16":
-        for pol in (agent.policy, agent.policy_target):
-            pol.precision = "bf16"
-        for critic in (agent.critic, agent.critic_target):
-            critic.scoring_precision = "bf16"
-    x, w, e = torch.randn(ROWS, H), torch.randn(H, H), torch.randn(ROWS, H)
-    xb, wb = x.bfloat16(), w.bfloat16()
-    out, outb = torch.empty(ROWS, H), torch.empty(ROWS, H, dtype=torch.bfloat16)
+    agent, buf = _agent(mode, mode), _buffers()
+    mm32, mm16 = _mm(torch.float32), _mm(torch.bfloat16)
+    e = torch.randn(ROWS, H)
+    out = torch.empty_like(e)
     costs = update_costs(Shapes())
-    fast = {k: v for k, v in costs.items() if k.startswith(("sampling", "scoring"))}
-    rest = {k: v for k, v in costs.items() if k not in fast}
+    bf16_parts = ("sampling", "scoring") if mode == "bf16" else ()
     rounds = {"update_s": [], "floor_s": [], "ratio": []}
 
     def one_round():
         # the machine's best in this round: fastest of 5 batches of 20
-        fp32 = 2 * ROWS * H * H / _seconds(lambda: torch.mm(x, w, out=out), 20, 5)
-        bf16 = 2 * ROWS * H * H / _seconds(lambda: torch.mm(xb, wb, out=outb), 20, 5)
+        fp32 = 2 * ROWS * H * H / _seconds(mm32, 20, 5)
+        bf16 = 2 * ROWS * H * H / _seconds(mm16, 20, 5) if bf16_parts else float("nan")  # unused in fp32
         exp_s = _seconds(lambda: torch.exp(e, out=out), 20, 5) / (ROWS * H)
-        floor = (floor_seconds(costs, fp32, exp_s) if mode == "fp32"
-                 else floor_seconds(fast, bf16, exp_s) + floor_seconds(rest, fp32, exp_s))
-        update = _seconds(lambda: agent.update(buf, 20_000), 1)
+        floor = mixed_floor(costs, fp32, bf16, exp_s, bf16_parts)
+        t0 = time.perf_counter()  # one update, timed alone (the agent is warm: see below)
+        agent.update(buf, 20_000)
+        update = time.perf_counter() - t0
         for k, v in zip(rounds, (update, floor, update / floor)):
             rounds[k].append(round(v, 4))
 

@@ -93,7 +93,6 @@ def weighting_gradient_variance(agent, buffers: SeedBuffers, weightings: dict[st
     for p in params:
         require(p.shape[0] == N, "policy parameters must carry the seed dimension first")
     omega = agent.entropy_weight(step, agent.total_steps)
-    omega_rows = omega.detach()[:, None] if torch.is_tensor(omega) else omega
 
     grads = {name: [] for name in weightings}
     losses = {name: [] for name in weightings}
@@ -108,7 +107,7 @@ def weighting_gradient_variance(agent, buffers: SeedBuffers, weightings: dict[st
         for name, transform in weightings.items():
             with torch.no_grad():
                 w = copy.deepcopy(transform)(q)  # a copy per draw: running statistics untouched
-                weights = row_weights(w, omega_rows, Ne)
+                weights = row_weights(w, omega, Ne)
             loss = policy.loss(loss_states, loss_actions, weights, t=t, eps=eps)  # (N,)
             g = torch.autograd.grad(loss.sum(), params)  # seeds' parameters are disjoint slices
             grads[name].append(torch.cat([gi.reshape(N, -1) for gi in g], dim=1))

@@ -197,16 +197,16 @@ class DiffusionPolicy(nn.Module):
         if noise is None:  # all of it at once: the same draws whatever the blocking (or kernels)
             noise = (rng.randn(T, B * n, A) if rng is not None
                      else torch.randn(N, T, B * n, A, device=states.device))
-        fused = self.native and not self.compile and den.activation == "mish" and native.usable(states)
+        # the native kernels: the whole sampler in one call (fused), else per layer
+        kernels = self.native and not self.compile and den.activation == "mish" and native.usable(states)
         widths = [lin.out_features for lin in den.linears]  # hidden widths, then A
-        bf16 = dtype == torch.bfloat16
-        if (fused and self.fused and B * n > 0 and len(rest) >= 2 and native.fused_shapes_ok(widths[:-1], A)
-                and native.fused_usable(bf16)):
+        if kernels and self.fused and B * n > 0 and native.fused_ok(widths[:-1], A, dtype == torch.bfloat16):
             # every step of every chain in one native call (sampler.c): blocks of chains through
             # all T steps with their activations in cache; hidden layers on AVX-512 FMA or AMX
             out = native.sample_fused(
                 noise, state_proj, step_bias, W_a, [(lin.weight, lin.bias) for lin in rest[:-1]],
-                rest[-1].weight.transpose(1, 2), rest[-1].bias, self.schedule.step_coefs, self.clip_x0, bf16)
+                rest[-1].weight.transpose(1, 2), rest[-1].bias, self.schedule.step_coefs, self.clip_x0,
+                dtype == torch.bfloat16)
             return out.clamp_(-1.0, 1.0).view(N, B, n, A)
         hidden = [(lin.weight.to(dtype), lin.bias.to(dtype)) for lin in rest]
         # per-step constants: a tensor row for the compiled step (no recompile per value), Python
@@ -217,18 +217,18 @@ class DiffusionPolicy(nn.Module):
         act = ((mish if self.native and not self.compile else mish_torch) if den.activation == "mish"
                else make_activation(den.activation))
         biases32 = [lin.bias for lin in rest]
-        out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if fused and len(rest) >= 2 else None
+        out_t = (rest[-1].weight.transpose(1, 2).contiguous(), rest[-1].bias) if kernels and len(rest) >= 2 else None
         out = torch.empty(N, B * n, A, device=states.device)
         # default block: all rows on CUDA (launch-bound); on CPU up to 16384 rows with the native
         # kernels (they fuse the element-wise work, so large matmuls win), 2048 with torch ops
         # (their several passes over each activation want it in cache); measured in `make bench`
-        block_rows = self.block_rows or (B * n if states.device.type != "cpu" else 16384 if fused else 2048)
+        block_rows = self.block_rows or (B * n if states.device.type != "cpu" else 16384 if kernels else 2048)
         per_block = max(1, block_rows // n)  # states per block
         bufs = None
         for b0 in range(0, B, per_block):
             b1 = min(B, b0 + per_block)
             r0, r1 = b0 * n, b1 * n
-            if fused and (bufs is None or bufs[0].shape[1] != r1 - r0):  # allocated once per block shape
+            if kernels and (bufs is None or bufs[0].shape[1] != r1 - r0):  # allocated once per block shape
                 bufs = [torch.empty(N, r1 - r0, w, dtype=dtype) for w in widths] + [torch.empty(N, r1 - r0, A)]
             x = noise[:, 0, r0:r1].contiguous()
             for i in reversed(range(T)):
@@ -236,7 +236,7 @@ class DiffusionPolicy(nn.Module):
                     z = torch.zeros_like(x)
                 else:
                     z = noise[:, T - i, r0:r1]
-                if fused:
+                if kernels:
                     x = denoise_step_native(x, state_proj[:, b0:b1], step_bias[:, i], W_a,
                                             hidden, biases32, out_t, coefs[i], z, self.clip_x0, bufs)
                 else:

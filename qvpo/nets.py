@@ -224,8 +224,7 @@ class TwinQ(nn.Module):
         rows = a.reshape(N, B * k, A).contiguous()
         dtype = torch.bfloat16 if bf16 else torch.float32
         widths = [lin.out_features for lin in layers[0][:-1]]
-        fused = (self.fused and B * k >= native.FUSED_MLP_MIN_ROWS and len(widths) >= 2
-                 and native.fused_shapes_ok(widths, A) and native.fused_usable(bf16))
+        fused = self.fused and B * k >= native.FUSED_MLP_MIN_ROWS and native.fused_ok(widths, A, bf16)
         qs = []
         for lins in layers:
             first, *rest = lins

@@ -154,13 +154,13 @@ def bootstrap_mean_difference(x, y, confidence: float = CONFIDENCE, n_resamples:
     x, y = _clean(x), _clean(y)
     if not enough(x, y):
         return Interval(np.nan, np.nan, np.nan)
-    return _bootstrap_interval((x, y), _mean_difference, float(_mean_difference(x, y)), confidence,
-                               n_resamples, seed, method)
+    return _bootstrap_interval((x, y), _mean_difference, confidence, n_resamples, seed, method)
 
 
-def _bootstrap_interval(samples: tuple, statistic, estimate: float, confidence: float, n_resamples: int,
-                        seed: int, method: str = "percentile") -> Interval:
-    """`estimate` with scipy's bootstrap CI of `statistic`, resampling each sample on its own."""
+def _bootstrap_interval(samples: tuple, statistic, confidence: float, n_resamples: int, seed: int,
+                        method: str = "percentile") -> Interval:
+    """`statistic` of the samples with scipy's bootstrap CI, resampling each sample on its own."""
+    estimate = float(statistic(*samples))
     ci = sps.bootstrap(samples, statistic, n_resamples=n_resamples, paired=False, confidence_level=confidence,
                        method=method, rng=np.random.default_rng(seed)).confidence_interval
     return Interval(estimate, float(ci.low), float(ci.high))
@@ -193,10 +193,9 @@ def _stratified(statistic, scores_per_task, confidence, n_resamples, seed) -> In
     tasks = [t for t in tasks if len(t)]
     if not tasks:
         return Interval(np.nan, np.nan, np.nan)
-    estimate = float(statistic(*tasks))
     if not enough(*tasks):
-        return Interval(estimate, np.nan, np.nan)
-    return _bootstrap_interval(tuple(tasks), statistic, estimate, confidence, n_resamples, seed)
+        return Interval(float(statistic(*tasks)), np.nan, np.nan)
+    return _bootstrap_interval(tuple(tasks), statistic, confidence, n_resamples, seed)
 
 
 def iqm_stratified(scores_per_task: Sequence, confidence: float = CONFIDENCE,
@@ -241,8 +240,7 @@ def probability_of_improvement(x_per_task: Sequence, y_per_task: Sequence,
     def statistic(*samples, axis=-1):
         return np.mean([_improvement(samples[i], samples[k + i], axis) for i in range(k)], axis=0)
 
-    estimate = float(statistic(*xs, *ys))
-    return _bootstrap_interval((*xs, *ys), statistic, estimate, confidence, n_resamples, seed)
+    return _bootstrap_interval((*xs, *ys), statistic, confidence, n_resamples, seed)
 
 
 def performance_profile(scores_per_task: Sequence, taus) -> np.ndarray:

@@ -186,7 +186,7 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
               log=print) -> list[tuple[RunSpec, int]]:
     """Run the planned items, `workers` processes at a time; returns (run, exit status)."""
     todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
-    total, done, t0 = len(todo), 0, time.time()
+    total, t0 = len(todo), time.time()
     running: list[tuple[RunSpec, subprocess.Popen]] = []
     results = []
     queue = list(todo)
@@ -206,10 +206,9 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
             if proc.poll() is None:
                 continue
             running.remove((r, proc))
-            done += 1
             err = proc.stderr.read() if proc.stderr else ""
             results.append((r, proc.returncode))
-            _log_progress(log, r, proc.returncode, err.strip()[-300:], done, total, t0)
+            _log_progress(log, r, proc.returncode, err.strip()[-300:], len(results), total, t0)
     return results
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from qvpo.diffusion import DiffusionPolicy, NoiseSchedule, cosine_beta_schedule
 from qvpo.rng import SeedRNG, init_generators
+from conftest import fused_or_skip, num_threads, spy_calls
 
 
 def test_cosine_schedule_matches_closed_form():
@@ -194,13 +195,6 @@ def test_samples_of_a_seed_do_not_depend_on_blocking_or_kernels(tiny):
 
 
 
-def fused_or_skip(precision: str) -> None:
-    from qvpo import native
-    if not native.fused_usable(precision == "bf16"):
-        pytest.skip(f"the fused {precision} sampler needs a CPU with "
-                    f"{'AMX-BF16' if precision == 'bf16' else 'AVX-512'} (and the native kernels)")
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("hidden,A,seeds,threads,B,n", [
     ((64, 64, 64), 3, 2, 1, 7, 9),     # 63 rows: blocks that do not divide them
@@ -218,9 +212,7 @@ def test_fused_sampler_matches_unfused_and_plain_sampler(tiny, monkeypatch, prec
     from qvpo import native
     import gin
     gin.bind_parameter("Denoiser.hidden", hidden)
-    calls = []
-    real = native.sample_fused
-    monkeypatch.setattr(native, "sample_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy_calls(monkeypatch, native, "sample_fused")
     torch.manual_seed(2)
     pol = DiffusionPolicy(state_dim=5, action_dim=A, generators=gens(seeds), precision=precision)
     with torch.no_grad():  # biases that are not zero and differ per seed (the init's are zero)
@@ -228,12 +220,8 @@ def test_fused_sampler_matches_unfused_and_plain_sampler(tiny, monkeypatch, prec
             lin.bias.add_(0.1 * torch.randn_like(lin.bias))
     states = torch.randn(seeds, B, 5)
     noise = torch.randn(seeds, pol.T, B * n, A)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         fused = pol.sample(states, n, noise=noise)
-    finally:
-        torch.set_num_threads(old)
     assert calls == [1]  # it did run
     pol.fused = False
     unfused = pol.sample(states, n, noise=noise)

@@ -83,9 +83,8 @@ def test_first_layer_and_bias_mish_match_torch(H):
 
     h = torch.randn(N, 11, H, generator=g)
     bias = torch.randn(N, 1, H, generator=g)
-    torch.testing.assert_close(native.bias_mish(h, bias).double(), F.mish(h.double() + bias.double()),
-                               rtol=1e-6, atol=1e-6)
     expected = F.mish(h.double() + bias.double())
+    torch.testing.assert_close(native.bias_mish(h, bias).double(), expected, rtol=1e-6, atol=1e-6)
     assert native.bias_mish(h, bias, out=h) is h  # in place
     torch.testing.assert_close(h.double(), expected, rtol=1e-6, atol=1e-6)
 
@@ -145,10 +144,15 @@ def test_wrappers_refuse_layouts_the_kernels_would_misread():
                          [(torch.randn(2, 40, 40), torch.randn(2, 40))], torch.randn(2, 1, 40), torch.randn(2, 1), False)
 
 
-@needs_cc
-def test_a_fresh_build_is_readable_by_others_sharing_the_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def unloaded(monkeypatch):
+    """The kernels as if never loaded in this process: the next library() builds or finds them."""
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
+
+
+@needs_cc
+def test_a_fresh_build_is_readable_by_others_sharing_the_cache(tmp_path, monkeypatch, unloaded):
     monkeypatch.setenv("QVPO_CACHE_DIR", str(tmp_path))
     assert native.library() is not None
     built = list((tmp_path / "native").glob("sampler-*.so"))
@@ -156,12 +160,10 @@ def test_a_fresh_build_is_readable_by_others_sharing_the_cache(tmp_path, monkeyp
     assert not list((tmp_path / "native").glob("*.tmp"))  # no temporary left behind
 
 
-def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch):
+def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch, unloaded):
     from qvpo.diffusion import DiffusionPolicy
     from qvpo.rng import init_generators
 
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("QVPO_CACHE_DIR", str(tmp_path))  # no kernel built earlier to find
     monkeypatch.setenv("CC", "false")                      # a "compiler" that always fails
     with pytest.warns(RuntimeWarning, match="native sampler kernels unavailable"):
@@ -174,9 +176,7 @@ def test_no_compiler_falls_back_to_torch_with_one_warning(tmp_path, monkeypatch)
     assert a.shape == (1, 4, 5, 2) and a.abs().max() <= 1
 
 
-def test_qvpo_native_0_turns_the_kernels_off(monkeypatch):
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_tried", False)
+def test_qvpo_native_0_turns_the_kernels_off(monkeypatch, unloaded):
     monkeypatch.setenv("QVPO_NATIVE", "0")
     assert native.library() is None
     with torch.no_grad():

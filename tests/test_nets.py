@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from qvpo.nets import Denoiser, SeedLinear, TwinQ, init_linear, mish, sinusoidal_embedding
 from qvpo.rng import init_generators
+from conftest import fused_or_skip, num_threads, spy_calls
 
 
 def test_fast_mish_is_exact():
@@ -65,9 +66,6 @@ def test_denoiser_shapes():
 def test_q_min_candidates_equals_q_min_on_repeated_states(hidden, A):
     """The candidate-scoring path (state part once per state, native kernels where built) gives
     the Q values of the plain networks."""
-    from qvpo.nets import TwinQ
-    from qvpo.rng import init_generators
-
     torch.manual_seed(0)
     critic = TwinQ(5, A, init_generators([0, 1]), hidden=hidden)
     s, a = torch.randn(2, 7, 5), torch.rand(2, 7, 4, A) * 2 - 1
@@ -87,16 +85,11 @@ def test_q_min_candidates_fused_matches_layer_by_layer(monkeypatch, precision, h
     """Each critic network in one native call (qvpo_mlp_fused: float32 FMA or bf16 AMX) gives the
     per-layer path's Q values (float32: the plain networks' within 1e-5)."""
     from qvpo import native
-    from qvpo.nets import TwinQ
-    from qvpo.rng import init_generators
 
-    if not native.fused_usable(precision == "bf16"):
-        pytest.skip(f"needs a CPU with {'AMX-BF16' if precision == 'bf16' else 'AVX-512'}")
+    fused_or_skip(precision)
     if min_rows is not None:
         monkeypatch.setattr(native, "FUSED_MLP_MIN_ROWS", min_rows)
-    calls = []
-    real = native.mlp_fused
-    monkeypatch.setattr(native, "mlp_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy_calls(monkeypatch, native, "mlp_fused")
     torch.manual_seed(3)
     critic = TwinQ(5, A, init_generators([0, 1]), hidden=hidden, scoring_precision=precision)
     with torch.no_grad():  # Q values of order 1 and biases that are not zero (as after training)
@@ -104,12 +97,8 @@ def test_q_min_candidates_fused_matches_layer_by_layer(monkeypatch, precision, h
             p.mul_(3.0).add_(0.1 * torch.randn_like(p))
     B, k = rows
     s, a = torch.randn(2, B, 5), torch.rand(2, B, k, A) * 2 - 1
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         fused = critic.q_min_candidates(s, a)
-    finally:
-        torch.set_num_threads(old)
     assert calls == [1, 1]  # one call per network
     critic.fused = False
     per_layer = critic.q_min_candidates(s, a)

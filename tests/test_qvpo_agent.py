@@ -18,9 +18,6 @@ class FixedPolicy:
 
 
 class SumCritic:
-    def q_min(self, s, a):
-        return a.sum(-1)
-
     def q_min_candidates(self, s, a):  # a (N, B, k, A)
         return a.sum(-1)
 

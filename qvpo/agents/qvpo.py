@@ -53,9 +53,11 @@ def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Ten
     return (best, q, candidates) if return_candidates else (best, q)
 
 
-def row_weights(w: torch.Tensor, omega_rows, Ne: int) -> torch.Tensor:
+def row_weights(w: torch.Tensor, omega, Ne: int) -> torch.Tensor:
     """Weights of `QVPO.policy_rows`: w (N, B) for the chosen rows, omega_ent * w for each
-    state's Ne uniform rows -> (N, B + B * Ne)."""
+    state's Ne uniform rows -> (N, B + B * Ne). omega: a float, or one weight per seed (N,)
+    (a constant here: no gradient flows into it)."""
+    omega_rows = omega.detach()[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
     return torch.cat([w, (omega_rows * w).repeat_interleave(Ne, dim=1)], dim=1)
 
 
@@ -242,10 +244,9 @@ class QVPO(Agent):
                     transform(q)
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
-            omega_rows = omega[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
             # 5. one weighted denoising loss over both blocks (mean over all B + B*Ne rows)
             loss_states, loss_actions = self.policy_rows(states, best_action, self.rng)
-            loss_weights = row_weights(w, omega_rows, self.Ne)
+            loss_weights = row_weights(w, omega, self.Ne)
             policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights, self.rng)  # (N,)
             self.policy_opt.zero_grad(set_to_none=True)
             policy_loss.sum().backward()

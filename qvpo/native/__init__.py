@@ -147,6 +147,17 @@ def _check(cond: bool, what: str) -> None:
         raise ValueError(f"qvpo.native: {what}")
 
 
+def _check_first_layer(what: str, R: int, W_a: torch.Tensor, state_part: torch.Tensor, N: int, A: int,
+                       H: int) -> None:
+    """The first layer's row part W_a (N, A, H) and shared part (N, S, H): views whose rows are
+    contiguous (any seed stride), R a multiple of S."""
+    S = state_part.shape[1]
+    _check(S >= 1 and R % S == 0, f"{what}: rows must be a multiple of states")
+    for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
+        _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
+               f"{what}: bad {tuple(t.shape)}")
+
+
 def mish(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Mish of a contiguous CPU float32 tensor into `out` (a new tensor if None; may be x)."""
     _check(x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu",
@@ -198,10 +209,7 @@ def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tenso
     S = state_part.shape[1]
     _check(x.is_contiguous() and out.is_contiguous() and out.shape == (N, R, H) and out.data_ptr() != x.data_ptr(),
            "first_layer_mish: bad x or out (out must be a tensor of its own)")
-    _check(R % S == 0, "first_layer_mish: rows must be a multiple of states")
-    for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
-        _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
-               f"first_layer_mish: bad {tuple(t.shape)}")
+    _check_first_layer("first_layer_mish", R, W_a, state_part, N, A, H)
     _check(step_part.shape == (N, H) and step_part.stride(1) == 1, "first_layer_mish: bad step part")
     for t in (x, W_a, state_part, step_part):
         _check(t.dtype == torch.float32 and t.device.type == "cpu", "first_layer_mish: CPU float32 inputs only")
@@ -297,6 +305,32 @@ def packed_view(W: torch.Tensor, bf16: bool) -> torch.Tensor:
     return W.view(N, K, M // 32, 32).permute(0, 2, 1, 3)
 
 
+def fused_ok(widths: list[int], action_dim: int, bf16: bool) -> bool:
+    """Whether the fused calls take this network here: `fused_shapes_ok` and `fused_usable`."""
+    return fused_shapes_ok(widths, action_dim) and fused_usable(bf16)
+
+
+def _fused_network(what: str, R: int, W_a: torch.Tensor, state_part: torch.Tensor,
+                   hidden: list[tuple[torch.Tensor, torch.Tensor]], W_out_t: torch.Tensor,
+                   b_out: torch.Tensor, inputs: list[torch.Tensor], bf16: bool):
+    """Checks and packs what both fused calls share: the first layer's parts, the hidden layers,
+    the output layer (W_out_t (N, O, H), b_out with N * O values) and the other float32 inputs.
+    Returns (packed hidden weights, their biases, W_out_t and b_out (N, O) contiguous)."""
+    N, A, H = W_a.shape
+    O = W_out_t.shape[1]
+    _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and 1 <= O <= MAX_OUT,
+           f"{what}: unsupported widths")
+    _check(R >= 1 and N >= 1, f"{what}: needs rows and seeds, got {R} rows, {N} seeds")
+    _check_first_layer(what, R, W_a, state_part, N, A, H)
+    _check(W_out_t.shape == (N, O, H) and b_out.numel() == N * O, f"{what}: bad output layer")
+    for w, b in hidden:
+        _check(w.shape == (N, H, H) and b.numel() == N * H, f"{what}: bad hidden layer")
+    for t in [W_a, state_part, W_out_t, b_out, *inputs] + [t for layer in hidden for t in layer]:
+        _check(t.dtype == torch.float32 and t.device.type == "cpu", f"{what}: CPU float32 inputs only")
+    Wp, bias = _pack_hidden(hidden, N, H, bf16)
+    return Wp, bias, W_out_t.contiguous(), b_out.reshape(N, O).contiguous()
+
+
 def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch.Tensor,
                  W_a: torch.Tensor, hidden: list[tuple[torch.Tensor, torch.Tensor]],
                  W_out_t: torch.Tensor, b_out: torch.Tensor, coefs: torch.Tensor,
@@ -309,32 +343,22 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
     R = S * rows per state; step_part (N, T, H): the first layer's time part plus bias per step;
     W_a (N, A, H); hidden: the (weight (N, H, H), bias (N, 1, H) or (N, H)) of each hidden layer
     after the first, float32; W_out_t (N, A, H), b_out (N, A) or (N, 1, A): the output layer;
-    coefs (T, 5): NoiseSchedule.step_coefs. Callers check `fused_usable` and `fused_shapes_ok`.
+    coefs (T, 5): NoiseSchedule.step_coefs. Callers check `fused_ok`.
     """
     N, T, R, A = noise.shape
-    H, S, L = W_a.shape[-1], state_part.shape[1], len(hidden)
-    _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1, "sample_fused: unsupported widths")
-    _check(R >= 1 and T >= 1 and N >= 1, f"sample_fused: needs rows, steps and seeds, got {tuple(noise.shape)}")
-    _check(R % S == 0, "sample_fused: rows must be a multiple of states")
-    for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
-        _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
-               f"sample_fused: bad {tuple(t.shape)}")
-    _check(step_part.shape == (N, T, H) and W_out_t.shape == (N, A, H) and coefs.shape == (T, 5),
+    H, S = W_a.shape[-1], state_part.shape[1]
+    _check(T >= 1, f"sample_fused: needs rows, steps and seeds, got {tuple(noise.shape)}")
+    _check(W_a.shape[:2] == (N, A), f"sample_fused: bad {tuple(W_a.shape)}")
+    Wp, bias, W_out_t, b_out = _fused_network("sample_fused", R, W_a, state_part, hidden, W_out_t, b_out,
+                                              [noise, step_part, coefs], bf16)
+    _check(W_out_t.shape[1] == A and step_part.shape == (N, T, H) and coefs.shape == (T, 5),
            "sample_fused: bad step part, output layer or coefficients")
-    for w, b in hidden:
-        _check(w.shape == (N, H, H) and b.numel() == N * H, "sample_fused: bad hidden layer")
-    _check(b_out.numel() == N * A, "sample_fused: bad output bias")
-    tensors = [noise, state_part, step_part, W_a, W_out_t, b_out, coefs] + [t for layer in hidden for t in layer]
-    for t in tensors:
-        _check(t.dtype == torch.float32 and t.device.type == "cpu", "sample_fused: CPU float32 inputs only")
-    Wp, bias = _pack_hidden(hidden, N, H, bf16)
-    noise, step_part, W_out_t = noise.contiguous(), step_part.contiguous(), W_out_t.contiguous()
-    b_out, coefs = b_out.reshape(N, A).contiguous(), coefs.contiguous()
+    noise, step_part, coefs = noise.contiguous(), step_part.contiguous(), coefs.contiguous()
     out = torch.empty(N, R, A, dtype=torch.float32)
     rc = library().qvpo_sample_fused(
         noise.data_ptr(), state_part.data_ptr(), step_part.data_ptr(), W_a.data_ptr(), Wp.data_ptr(),
         bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(), coefs.data_ptr(), out.data_ptr(),
-        N, T, R, A, H, L, R // S, state_part.stride(0), W_a.stride(0), int(clip_x0), int(bf16),
+        N, T, R, A, H, len(hidden), R // S, state_part.stride(0), W_a.stride(0), int(clip_x0), int(bf16),
         torch.get_num_threads())
     _fused_rc(rc, "sampler")
     return out
@@ -369,29 +393,19 @@ def mlp_fused(x: torch.Tensor, state_part: torch.Tensor, b1: torch.Tensor, W_a: 
     (W_s s), row r uses r // (R / S); b1 (N, H) or (N, 1, H): the first layer's bias; W_a
     (N, A, H): its row part; hidden: (weight (N, H, H), bias) of the later hidden layers; W_out_t
     (N, O, H), b_out (N, O) or (N, 1, O): the output layer. bf16: hidden matmuls in bfloat16 on
-    AMX. Callers check `fused_usable` and `fused_shapes_ok` (with O <= MAX_OUT)."""
+    AMX. Callers check `fused_ok` (and O <= MAX_OUT)."""
     N, R, A = x.shape
-    H, S, L, O = W_a.shape[-1], state_part.shape[1], len(hidden), W_out_t.shape[1]
-    _check(fused_shapes_ok([H] + [w.shape[-1] for w, _ in hidden], A) and L >= 1 and 1 <= O <= MAX_OUT,
-           "mlp_fused: unsupported widths")
-    _check(R >= 1 and N >= 1, f"mlp_fused: needs rows and seeds, got {tuple(x.shape)}")
-    _check(R % S == 0, "mlp_fused: rows must be a multiple of states")
-    for t, shape in ((W_a, (N, A, H)), (state_part, (N, S, H))):
-        _check(t.shape == shape and t.stride(2) == 1 and (shape[1] == 1 or t.stride(1) == H),
-               f"mlp_fused: bad {tuple(t.shape)}")
+    H, S = W_a.shape[-1], state_part.shape[1]
+    _check(W_a.shape[:2] == (N, A), f"mlp_fused: bad {tuple(W_a.shape)}")
+    Wp, bias, W_out_t, b_out = _fused_network("mlp_fused", R, W_a, state_part, hidden, W_out_t, b_out,
+                                              [x, b1], bf16)
     _check(b1.shape[0] == N and b1.shape[-1] == H and b1.numel() == N * H and b1.stride(-1) == 1,
            f"mlp_fused: bad first-layer bias {tuple(b1.shape)}")
-    _check(W_out_t.shape == (N, O, H) and b_out.numel() == N * O, "mlp_fused: bad output layer")
-    for w, b in hidden:
-        _check(w.shape == (N, H, H) and b.numel() == N * H, "mlp_fused: bad hidden layer")
-    for t in [x, state_part, b1, W_a, W_out_t, b_out] + [t for layer in hidden for t in layer]:
-        _check(t.dtype == torch.float32 and t.device.type == "cpu", "mlp_fused: CPU float32 inputs only")
-    Wp, bias = _pack_hidden(hidden, N, H, bf16)
-    x, W_out_t, b_out = x.contiguous(), W_out_t.contiguous(), b_out.reshape(N, O).contiguous()
+    x, O = x.contiguous(), W_out_t.shape[1]
     out = torch.empty(N, R, O, dtype=torch.float32)
     rc = library().qvpo_mlp_fused(
         x.data_ptr(), state_part.data_ptr(), b1.data_ptr(), W_a.data_ptr(), Wp.data_ptr(), bias.data_ptr(),
-        W_out_t.data_ptr(), b_out.data_ptr(), out.data_ptr(), N, R, A, H, L, O, R // S,
+        W_out_t.data_ptr(), b_out.data_ptr(), out.data_ptr(), N, R, A, H, len(hidden), O, R // S,
         state_part.stride(0), b1.stride(0), W_a.stride(0), int(bf16), torch.get_num_threads())
     _fused_rc(rc, "MLP")
     return out

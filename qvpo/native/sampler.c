@@ -116,6 +116,21 @@ static inline void store16(void *p, int64_t j, __mmask16 m, __m512 v, int bf16) 
     b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
     _mm256_mask_storeu_epi16((uint16_t *)p + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
 }
+
+/* One row of the first layer and its activation: out[o + j] = Mish(xr @ W_a + spr + sbs)[j] for
+ * j < H (W_a rows of H), one output vector at a time in a register; out float32 or (out_bf16)
+ * bfloat16. Shared by qvpo_first_layer_mish and the fused calls. */
+static inline void first_layer_row(const float *restrict xr, const float *restrict w,
+                                   const float *restrict spr, const float *restrict sbs,
+                                   void *restrict out, int64_t o, int64_t A, int64_t H, int out_bf16) {
+    for (int64_t j = 0; j < H; j += 16) {
+        const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
+        __m512 acc = _mm512_add_ps(_mm512_maskz_loadu_ps(m, spr + j), _mm512_maskz_loadu_ps(m, sbs + j));
+        for (int64_t k = 0; k < A; k++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(xr[k]), _mm512_maskz_loadu_ps(m, w + k * H + j), acc);
+        store16(out, o + j, m, out_bf16 ? mish16_bf16(acc) : mish16(acc), out_bf16);
+    }
+}
 #endif
 
 static inline float bf16_to_float(uint16_t h) {
@@ -195,13 +210,7 @@ void qvpo_first_layer_mish(const float *restrict x, const float *restrict Wa,
             const float *restrict sbs = sb + s * sb_ss;
             const int64_t o = (s * R + r) * H;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-            for (int64_t j = 0; j < H; j += 16) {  /* one output vector stays in a register */
-                const __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
-                __m512 acc = _mm512_add_ps(_mm512_maskz_loadu_ps(m, spr + j), _mm512_maskz_loadu_ps(m, sbs + j));
-                for (int64_t k = 0; k < A; k++)
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(xr[k]), _mm512_maskz_loadu_ps(m, w + k * H + j), acc);
-                store16(out, o + j, m, out_bf16 ? mish16_bf16(acc) : mish16(acc), out_bf16);
-            }
+            first_layer_row(xr, w, spr, sbs, out, o, A, H, out_bf16);
 #else
             for (int64_t j = 0; j < H; j++) {
                 float acc = spr[j] + sbs[j];
@@ -479,14 +488,7 @@ static void mlp_block(block_buffers *b, int64_t A, const float *sp, int64_t rows
                       int64_t r0, int64_t nr, int64_t rows_blk, int bf16) {
     for (int64_t r = 0; r < rows_blk; r++) {
         const int64_t row = r0 + (r < nr ? r : nr - 1);
-        const float *spr = sp + (row / rows_per_state) * H;
-        for (int64_t j = 0; j < H; j += 16) {
-            __m512 acc = _mm512_add_ps(_mm512_loadu_ps(spr + j), _mm512_loadu_ps(sb + j));
-            for (int64_t k = 0; k < A; k++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(b->x[r * A + k]), _mm512_loadu_ps(Wa + k * H + j), acc);
-            if (bf16) store16(b->h0, r * H + j, 0xFFFF, mish16_bf16(acc), 1);
-            else _mm512_store_ps((float *)b->h0 + r * H + j, mish16(acc));
-        }
+        first_layer_row(b->x + r * A, Wa, sp + (row / rows_per_state) * H, sb, b->h0, r * H, A, H, bf16);
     }
     void *hin = b->h0, *hout = b->h1;
     for (int64_t l = 0; l < L; l++) {  /* the last hidden layer's output in float32 (hf) */
