@@ -19,10 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Parse gin files, then --bind bindings, then the shorthand flags "
                                    "(each one a binding under another name, so they override the files).")
     t.add_argument("--gin", action="append", default=[], metavar="FILE",
-                   help="gin file (repeatable; path, or relative to gin/). Default: gin/algos/<algo>.gin")
+                   help="gin file (repeatable; path, or relative to gin/), parsed after gin/algos/<algo>.gin when "
+                        "--algo is given; default: gin/algos/qvpo.gin")
     t.add_argument("--bind", action="append", default=[], metavar="'Name.param = value'",
                    help="gin binding (repeatable)")
-    t.add_argument("--algo", help="algorithm (Trainer.agent); default: the gin files' choice, else qvpo")
+    t.add_argument("--algo", help="algorithm: its gin/algos/<algo>.gin is parsed first, so it runs with "
+                                        "its own settings; default: the gin files' choice, else qvpo")
     t.add_argument("--env", help="Gymnasium task id (Trainer.env_id), e.g. Hopper-v5")
     t.add_argument("--steps", type=int, help="env steps (Trainer.total_steps)")
     t.add_argument("--seed", type=int, help="seed (Trainer.seed)")
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace) -> int:
     import gin
 
-    from qvpo import config
+    from qvpo import config, identity
     from qvpo.tracking import MlflowTracker, flat_params, run_tags
     from qvpo.train import Checkpointer, DivergenceError, Interrupted, Trainer
 
@@ -98,14 +100,12 @@ def train(args: argparse.Namespace) -> int:
         config.parse_text(extra["config"], [f"MlflowTracker.tracking_uri = {extra['tracking_uri']!r}"]
                           + (["Trainer.progress = False"] if args.quiet else []))
     else:
-        algo = args.algo
-        gin_files = args.gin or [f"algos/{algo or 'qvpo'}.gin"]
         bindings = list(args.bind) + config.shorthand_bindings(
-            algo=algo, env=args.env, steps=args.steps, seed=args.seed, experiment=args.experiment,
+            env=args.env, steps=args.steps, seed=args.seed, experiment=args.experiment,
             tracking_uri=args.tracking_uri, device=args.device)
         if args.quiet:
             bindings.append("Trainer.progress = False")
-        config.parse(gin_files, bindings)
+        config.parse(args.gin, bindings, algo=args.algo)
 
     # 2. build envs, buffers and agent (validates every value), check the store: still no run
     try:
@@ -125,6 +125,12 @@ def train(args: argparse.Namespace) -> int:
     # 3. one MLflow run per seed, with the operative config of everything built above
     algo_name = type(trainer.agent).__name__
     params, config_str = flat_params(), gin.operative_config_str()
+    cell = identity.cell_identity()
+    planned = extra_tags.get(identity.PLANNED_TAG)
+    if resumed is None and planned and planned != identity.run_identity(cell, trainer.seeds[0]):
+        raise ConfigError(f"this run builds another config than its sweep planned (identity "
+                          f"{identity.run_identity(cell, trainer.seeds[0])}, planned {planned}): was the "
+                          f"package or a gin file changed while the sweep ran? Re-run the sweep")
     N = len(trainer.seeds)
     started: list[MlflowTracker] = []
     handlers = _stop_on_signals(trainer)
@@ -137,7 +143,8 @@ def train(args: argparse.Namespace) -> int:
                     run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
                     params={**params, "Trainer.seed": str(seed)}, config_str=config_str,
                     tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
-                          "seed": str(seed), "seeds_per_process": str(N), **extra_tags})
+                          "seed": str(seed), "seeds_per_process": str(N), **extra_tags,
+                          **identity.identity_tags(cell, seed), "qvpo.warmup_steps": str(trainer.warmup_steps)})
                 started.append(tracker)
             run_dir = Path(args.checkpoint_dir).resolve() / trackers[0].run_id
         else:
@@ -291,6 +298,7 @@ def sweep(args: argparse.Namespace) -> int:
     require_int(args.workers, "--workers", 1)
     spec = sw.load_spec(args.spec, [])
     runs = sw.expand(spec, args.steps, args.seeds, args.envs, args.algos, args.bind)
+    sw.identify(runs)  # builds each cell's config once: bad input stops here, before any run
     uri = resolve_tracking_uri(args.tracking_uri)
     items = sw.plan(runs, sw.existing_runs(uri, spec.experiment))
     counts = {a: sum(1 for _, x, _ in items if x == a) for a in ("new", "resume", "skip")}
@@ -305,7 +313,7 @@ def sweep(args: argparse.Namespace) -> int:
                   f"(env steps/s per algorithm, from the spec: {table})")
     if args.dry_run:
         for r, action, rid in items:
-            print(f"  {action:6s} {r.label:40s} {r.steps:>9d} steps  hash {r.config_hash()}"
+            print(f"  {action:6s} {r.label:40s} {r.steps:>9d} steps  identity {r.identity}"
                   + (f"  run {rid}" if rid else ""))
         return 0
     MlflowTracker(spec.experiment, uri).check()  # create the store and experiment once, before the workers

@@ -49,17 +49,40 @@ def use_gin_dir_for_includes() -> None:
         prefixes.insert(0, str(GIN_DIR))
 
 
-def algo_binding(algo: str) -> str:
+def check_algo(algo: str) -> str:
+    """The gin configurable name of an --algo name (ConfigError for an unknown one)."""
     if algo not in ALGORITHMS:
         raise ConfigError(f"unknown --algo {algo!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
-    return f"Trainer.agent = @{ALGORITHMS[algo]}"
+    return ALGORITHMS[algo]
 
 
-def parse(gin_files: list[str], bindings: list[str]) -> None:
+def algo_files(algo: str | None, gin_files: list[str]) -> list[str]:
+    """The gin files of a run: `--algo X` always starts from gin/algos/X.gin (X's own settings,
+    whatever else is given); without --algo the files as given, or gin/algos/qvpo.gin if none."""
+    if algo is not None:
+        check_algo(algo)
+        return [f"algos/{algo}.gin", *gin_files]
+    return list(gin_files) or ["algos/qvpo.gin"]
+
+
+def bound_agent() -> str | None:
+    """The configurable name that the parsed config binds Trainer.agent to (None if unbound)."""
+    try:
+        ref = gin.query_parameter("Trainer.agent")
+    except ValueError:
+        return None
+    return getattr(getattr(ref, "configurable", None), "name", None)
+
+
+def parse(gin_files: list[str], bindings: list[str], algo: str | None = None) -> None:
     """Clear gin, then parse files (in order) and bindings (after them, so they override).
 
+    With `algo` (the CLI's --algo), gin/algos/<algo>.gin is parsed first, so the algorithm runs
+    with its own settings for everything the other files and bindings do not set; a file or
+    binding that chooses another agent is a contradiction (ConfigError), not an override.
     Every failure becomes a ConfigError whose first line names the problem.
     """
+    gin_files = algo_files(algo, gin_files)
     paths = [str(find_gin_file(f)) for f in gin_files]
     gin.clear_config()
     use_gin_dir_for_includes()
@@ -70,6 +93,24 @@ def parse(gin_files: list[str], bindings: list[str]) -> None:
         raise
     except (ValueError, SyntaxError, TypeError, KeyError, NameError, IOError) as e:
         raise ConfigError(f"gin config: {one_line(e)}") from None
+    if algo is not None and bound_agent() != ALGORITHMS[algo]:
+        raise ConfigError(f"--algo {algo} contradicts the gin files or bindings, which choose "
+                          f"Trainer.agent = @{bound_agent()} (e.g. through include 'algos/...gin'); "
+                          f"drop --algo or the file that picks another algorithm")
+
+
+def check_agent_bindings(agent_name: str) -> None:
+    """Refuse bindings of another algorithm's parameters (`--algo sac --bind 'QVPO.T = 5'`): they
+    would do nothing, and the run would silently not be the one asked for."""
+    from gin import config as gin_config
+
+    agents = set(ALGORITHMS.values())
+    stray = sorted({selector.split(".")[-1] for (_, selector) in gin_config._CONFIG
+                    if selector.split(".")[-1] in agents and selector.split(".")[-1] != agent_name})
+    if stray:
+        params = ", ".join(f"{s}.*" for s in stray)
+        raise ConfigError(f"bindings of {params} do nothing in a {agent_name} run; drop them, or run "
+                          f"{' / '.join(stray)} instead (--algo {stray[0].lower()})")
 
 
 def parse_text(text: str, bindings: list[str]) -> None:
@@ -83,13 +124,12 @@ def parse_text(text: str, bindings: list[str]) -> None:
         raise ConfigError(f"gin config: {one_line(e)}") from None
 
 
-def shorthand_bindings(algo: str | None = None, env: str | None = None, steps: int | None = None,
+def shorthand_bindings(env: str | None = None, steps: int | None = None,
                        seed: int | None = None, experiment: str | None = None,
                        tracking_uri: str | None = None, device: str | None = None) -> list[str]:
-    """The CLI's shorthand flags as the gin bindings they stand for."""
+    """The CLI's shorthand flags as the gin bindings they stand for (--algo is not one: it picks
+    the algorithm's gin file, see parse)."""
     out = []
-    if algo is not None:
-        out.append(algo_binding(algo))
     for target, value in [("Trainer.env_id", env), ("Trainer.total_steps", steps),
                           ("Trainer.seed", seed), ("MlflowTracker.experiment", experiment),
                           ("MlflowTracker.tracking_uri", tracking_uri), ("Trainer.device", device)]:

@@ -48,7 +48,7 @@ class NoiseSchedule(nn.Module):
 
     def __init__(self, T: int, kind: str):
         super().__init__()
-        require_int(T, "DiffusionPolicy.T (diffusion steps)", 1)
+        require_int(T, "diffusion steps T", 1)
         require(kind in SCHEDULES, f"unknown beta schedule {kind!r}; expected one of {sorted(SCHEDULES)}")
         betas = SCHEDULES[kind](T).to(torch.float64)
         alphas = 1 - betas
@@ -121,12 +121,14 @@ def denoise_step_native(x, sp, step_bias, W_a, hidden, biases32, out_t, c, z, cl
     return posterior_step(x, native_mlp_tail(h, hidden, biases32, out_t, bufs[1:]), c, z, clip_x0)
 
 
-@gin.configurable
+# T is the algorithm's (QVPO.T = 20, DIPO.T = 100): each agent passes its own, and binding
+# DiffusionPolicy.T is an error rather than a value one of them would silently ignore
+@gin.configurable(denylist=["T"])
 class DiffusionPolicy(nn.Module):
     """A conditional DDPM over actions in [-1, 1]^A, one per seed (leading seed dimension N).
 
     Args:
-      T: diffusion steps (QVPO.md: 20 for QVPO).
+      T: diffusion steps (set by the agent: QVPO.T, DIPO.T; not a gin parameter here).
       schedule: beta schedule name (QVPO.md: cosine).
       clip_x0: clamp the predicted x0 to [-1, 1] at each sampling step (QVPO.md: yes).
       precision: 'fp32', or 'bf16' to run the sampler's hidden layers in bfloat16 (opt-in speed

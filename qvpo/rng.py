@@ -7,12 +7,28 @@ the same noise. Draws are returned with a leading seed dimension: (N, *shape).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # offsets keep the streams of one seed apart (network init, training noise, evaluation noise,
 # replay sampling, diagnostics that must leave training's streams alone)
 INIT_STREAM, NOISE_STREAM, EVAL_STREAM, BUFFER_STREAM = 0, 1_000_003, 2_000_029, 3_000_017
 DIAGNOSTIC_STREAM = 4_000_037
+
+
+# entropy of the evaluation envs' seed tree (any fixed number: it only has to stay fixed)
+EVAL_ENV_ENTROPY = 0x51F0_E7A1
+
+
+def eval_env_seeds(seed: int, episodes: int) -> list[int]:
+    """The reset seeds of training seed `seed`'s evaluation envs, one per evaluation episode.
+
+    numpy's SeedSequence spawned per training seed (spawn_key) and per env (spawn): every
+    (training seed, env) pair gets its own well-mixed seed, so no two training seeds share an
+    evaluation episode (with `seed + 10000 + i`, seed 0's env 1 was seed 1's env 0).
+    """
+    root = np.random.SeedSequence(EVAL_ENV_ENTROPY, spawn_key=(int(seed),))
+    return [int(child.generate_state(1)[0]) for child in root.spawn(episodes)]
 
 
 def init_generators(seeds: list[int]) -> list[torch.Generator]:

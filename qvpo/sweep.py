@@ -1,10 +1,12 @@
 """Sweeps: a gin spec expanded into (algorithm, task, seed) runs, each one `qvpo train` process.
 
-A run is identified by a hash of its configuration (the gin files' contents and the bindings,
-tracking settings and worker counts left out), stored as the MLflow tag `config_hash`. Re-running
-a sweep looks each hash up in the experiment: FINISHED runs are skipped, interrupted ones
-(RUNNING, KILLED or FAILED with a checkpoint on disk) are resumed with `qvpo train --resume`,
-others start afresh.
+A run is identified by its run identity (qvpo.identity: a hash of the operative config it
+builds, speed-only and tracking settings left out, and the results version), stored as the MLflow
+tag `qvpo.run_identity`. The sweep builds each cell's config once (envs and agent, no training)
+to compute it. Re-running a sweep looks each identity up in the experiment: FINISHED runs are
+skipped, interrupted ones (RUNNING, KILLED or FAILED with a checkpoint on disk) are resumed with
+`qvpo train --resume`, others start afresh. A comment edit changes nothing; a changed value, or
+a RESULTS_VERSION bump, makes every affected run new.
 
 Backends: `local` runs `workers` processes at once on this machine, all writing to one MLflow
 store (sqlite copes with a handful of writers: tests/test_tracking_faults.py runs four); `ray`
@@ -13,7 +15,6 @@ makes each run a Ray task on a cluster, all logging to one MLflow tracking serve
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import time
@@ -22,13 +23,11 @@ from pathlib import Path
 
 import gin
 
+from qvpo import identity
 from qvpo.config import find_gin_file
 from qvpo.errors import ConfigError, one_line, require, require_int
 from qvpo.envs import check_env_id
 from qvpo.tracking import search_all
-
-# bindings that do not change what a run computes: left out of the config hash
-NOT_HASHED = ("MlflowTracker.", "Trainer.progress", "Trainer.num_threads", "Trainer.sync_timing")
 
 
 @gin.configurable
@@ -44,7 +43,8 @@ class Sweep:
       seeds: seeds 0 .. seeds - 1 per (algorithm, task).
       steps: env steps per run (Trainer.total_steps).
       gin_files: extra gin files per algorithm (after its algos/ file).
-      bindings: extra bindings for every run (after the files).
+      bindings: extra bindings for every run (after the files); those of one algorithm's
+        parameters (`QVPO.T = 5`) go to that algorithm's runs only.
       random_baseline: also run the uniformly random policy per task and seed (one evaluation),
         the 0 of the report's normalised scores.
       variants: named variants of an algorithm for ablations, {name: (algo, (bindings...))}: each
@@ -77,25 +77,17 @@ class RunSpec:
     gin_files: list[str]
     bindings: list[str]
     variant: str | None = None
+    identity: str | None = None  # set by identify()
 
     @property
     def label(self) -> str:
         return f"{self.variant or self.algo} {self.env} seed {self.seed}"
 
-    def config_hash(self) -> str:
-        """sha256 of the gin files' contents, in order, and the bindings (tracking left out)."""
-        h = hashlib.sha256()
-        for f in self.gin_files:
-            h.update(find_gin_file(f).read_bytes())
-        for b in self.bindings:
-            if not b.replace(" ", "").startswith(NOT_HASHED):
-                h.update(b.encode())
-        return h.hexdigest()[:16]
-
     def train_args(self, sweep: Sweep, tracking_uri: str, checkpoint_dir: str) -> list[str]:
-        args = ["train", "--experiment", sweep.experiment, "--tracking-uri", tracking_uri, "--quiet",
-                "--checkpoint-dir", checkpoint_dir, "--tag", f"sweep={sweep.name}",
-                "--tag", f"config_hash={self.config_hash()}"]
+        args = ["train", "--algo", self.algo, "--experiment", sweep.experiment, "--tracking-uri", tracking_uri,
+                "--quiet", "--checkpoint-dir", checkpoint_dir, "--tag", f"sweep={sweep.name}"]
+        if self.identity:  # the run refuses to start if it builds another config than planned
+            args += ["--tag", f"{identity.PLANNED_TAG}={self.identity}"]
         for f in self.gin_files:
             args += ["--gin", f]
         for b in self.bindings:
@@ -129,22 +121,56 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
         groups.append(("random", "random", ()))
     runs = []
     for name, algo, variant_bindings in groups:
-        files = [f"algos/{algo}.gin", *sweep.gin_files.get(algo, [])]
+        files = list(sweep.gin_files.get(algo, []))  # after gin/algos/<algo>.gin (--algo)
         for f in files:
             find_gin_file(f)  # a missing file is an error now, not in the middle of the sweep
         for env in envs:
             for seed in range(seeds):
                 run_steps = steps if algo != "random" else min(steps, 1000)
+                mine = lambda bs: [b for b in bs if _bound_agent(b) in (None, ALGORITHMS[algo])]  # noqa: E731
                 binds = [f"Trainer.env_id = {env!r}", f"Trainer.total_steps = {run_steps}", f"Trainer.seed = {seed}",
-                         *sweep.bindings, *variant_bindings, *bindings]
+                         *mine(sweep.bindings), *variant_bindings, *mine(bindings)]
                 if algo == "random":
                     binds.append(f"Trainer.eval_every = {run_steps}")
                 runs.append(RunSpec(algo, env, seed, run_steps, files, binds, name if name != algo else None))
     return runs
 
 
+def _bound_agent(binding: str) -> str | None:
+    """The agent whose parameter a binding sets ('QVPO.tau = 0.01' -> 'QVPO'), else None.
+
+    A sweep's bindings apply to every run; one algorithm's parameters go to that algorithm's runs
+    only (a single `qvpo train` refuses them: config.check_agent_bindings)."""
+    from qvpo.agents import ALGORITHMS
+
+    selector = binding.split("=", 1)[0].strip().rsplit("/", 1)[-1]
+    owner = selector.rsplit(".", 1)[0].rsplit(".", 1)[-1] if "." in selector else None
+    return owner if owner in ALGORITHMS.values() else None
+
+
+def identify(runs: list[RunSpec]) -> None:
+    """Set each run's identity: its cell's config is parsed and built once (envs, buffers and
+    agent, nothing trained), so the identity is that of the operative config the run will build.
+    Bad input in any run is a ConfigError here, before anything starts."""
+    from qvpo import config
+    from qvpo.train import Trainer
+
+    cells: dict[tuple, str] = {}
+    for r in runs:
+        key = (r.algo, tuple(r.gin_files), tuple(b for b in r.bindings if not b.startswith("Trainer.seed =")))
+        if key not in cells:
+            config.parse(r.gin_files, [*r.bindings, "Trainer.progress = False"], algo=r.algo)
+            try:
+                trainer = Trainer()
+            except ConfigError as e:
+                raise ConfigError(f"{r.label}: {one_line(e)}") from None
+            cells[key] = identity.cell_identity()
+            trainer.close()
+        r.identity = identity.run_identity(cells[key], r.seed)
+
+
 def existing_runs(tracking_uri: str, experiment: str) -> dict[str, object]:
-    """config_hash -> the newest MLflow run of the experiment with that hash."""
+    """run identity -> the newest MLflow run of the experiment with that identity."""
     from mlflow.tracking import MlflowClient
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
@@ -153,15 +179,16 @@ def existing_runs(tracking_uri: str, experiment: str) -> dict[str, object]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    runs = search_all(client, exp.experiment_id, "tags.config_hash != ''", ["attributes.start_time ASC"])
-    return {run.data.tags["config_hash"]: run for run in runs}  # the newest run of a hash wins
+    runs = search_all(client, exp.experiment_id, f"tags.`{identity.IDENTITY_TAG}` != ''",
+                      ["attributes.start_time ASC"])
+    return {run.data.tags[identity.IDENTITY_TAG]: run for run in runs}  # the newest run of an identity wins
 
 
 def plan(runs: list[RunSpec], known: dict) -> list[tuple[RunSpec, str, str | None]]:
     """(run, action, run id): action is 'skip' (finished), 'resume' (checkpoint on disk) or 'new'."""
     out = []
     for r in runs:
-        prev = known.get(r.config_hash())
+        prev = known.get(r.identity)
         if prev is None:
             out.append((r, "new", None))
         elif prev.info.status == "FINISHED":

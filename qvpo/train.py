@@ -30,6 +30,7 @@ from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.checkpoint import atomic_save
 from qvpo.envs import check_env_id, env_dims, get_env_state, make_env, set_env_state
 from qvpo.errors import ConfigError, require, require_int
+from qvpo.rng import eval_env_seeds
 from qvpo.rollout import RolloutBuffer
 from qvpo.timing import PhaseTimer
 
@@ -130,7 +131,9 @@ class Trainer:
       env_id: Gymnasium task id.
       agent: the agent class (gin: `Trainer.agent = @QVPO`).
       total_steps: env steps in the run, per seed (QVPO.md: 1,000,000).
-      warmup_steps: uniformly random actions before the first update (QVPO.md: 10,000).
+      warmup_steps: env steps of uniformly random actions before the first update; None = the
+        agent's own (`QVPO.warmup_steps`, `TD3.warmup_steps`, ...: each algorithm's setting), a
+        number overrides it for whichever agent runs (on-policy agents need 0).
       updates_per_step: gradient updates per env step after warm-up (QVPO.md: 1).
       eval_every: env steps between evaluations (QVPO.md: 10,000).
       eval_episodes: episodes per evaluation (QVPO.md: 10).
@@ -160,7 +163,7 @@ class Trainer:
     def __init__(self, env_id: str = "Hopper-v5",
                  agent: Callable[..., Agent] = QVPO,
                  total_steps: int = 1_000_000,
-                 warmup_steps: int = 10_000,
+                 warmup_steps: int | None = None,
                  updates_per_step: int = 1,
                  eval_every: int = 10_000,
                  eval_episodes: int = 10,
@@ -176,7 +179,8 @@ class Trainer:
                  deterministic: bool = False,
                  q_bias: bool = True):
         require_int(total_steps, "Trainer.total_steps (--steps)", 0)
-        require_int(warmup_steps, "Trainer.warmup_steps", 0)
+        if warmup_steps is not None:
+            require_int(warmup_steps, "Trainer.warmup_steps", 0)
         require_int(updates_per_step, "Trainer.updates_per_step", 0)
         require_int(eval_every, "Trainer.eval_every (env steps)", 1)
         require_int(eval_episodes, "Trainer.eval_episodes", 1)
@@ -187,7 +191,7 @@ class Trainer:
         require_int(checkpoint_every, "Trainer.checkpoint_every (env steps)", 0)
         require(isinstance(env_id, str), f"Trainer.env_id (--env) must be a string, got {env_id!r}")
         check_env_id(env_id)
-        self.env_id, self.total_steps, self.warmup_steps = env_id, int(total_steps), warmup_steps
+        self.env_id, self.total_steps = env_id, int(total_steps)
         self.updates_per_step, self.eval_every, self.eval_episodes = updates_per_step, eval_every, eval_episodes
         self.seeds = [seed + k for k in range(seeds_per_process)]
         self.truncation_is_terminal = truncation_is_terminal
@@ -202,13 +206,18 @@ class Trainer:
 
         seed_everything(seed)
         self.envs = [make_env(env_id, seed=s) for s in self.seeds]
-        # evaluation envs: their own seeds, so evaluation never perturbs the training streams
-        self.eval_envs = [[make_env(env_id, seed=s + 10_000 + i) for i in range(eval_episodes)]
+        # evaluation envs: their own seeds (independent across training seeds and envs), so
+        # evaluation never perturbs the training streams
+        self.eval_envs = [[make_env(env_id, seed=e) for e in eval_env_seeds(s, eval_episodes)]
                           for s in self.seeds]
         obs_dim, action_dim = env_dims(self.envs[0])
         self.timer = PhaseTimer(self.device, sync=sync_timing)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
                            total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
+        self.warmup_steps = self.agent.warmup_steps if warmup_steps is None else warmup_steps
+        if not self.agent.baseline:
+            from qvpo.config import check_agent_bindings  # (config imports this module)
+            check_agent_bindings(type(self.agent).__name__)
         # the loop's state (what a checkpoint holds besides agent, buffers and envs)
         N = len(self.seeds)
         self.step = 0
@@ -221,8 +230,8 @@ class Trainer:
         self.track_q = q_bias and not self.agent.on_policy and self.agent.has_q_critic
         self.stop_signal: int | None = None  # set by a signal handler: checkpoint and stop
         if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
-            require(warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
-                    f"rollouts, so Trainer.warmup_steps must be 0 (got {warmup_steps})")
+            require(self.warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
+                    f"rollouts, so Trainer.warmup_steps must be 0 or unset (got {warmup_steps})")
             self.rollout = RolloutBuffer(len(self.seeds), self.agent.rollout_steps, obs_dim, action_dim,
                                          self.device)
             return

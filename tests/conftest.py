@@ -12,7 +12,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 # tiny networks and T <= 5 (test budget in the developers' brief)
 TINY = [
-    "DiffusionPolicy.T = 3",
+    "QVPO.T = 3",
     "Denoiser.hidden = (16, 16)",
     "Denoiser.time_dim = 8",
     "Denoiser.time_hidden = 16",

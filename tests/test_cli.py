@@ -11,7 +11,7 @@ from qvpo.cli import main
 TINY = ["--bind", "Trainer.warmup_steps = 100", "--bind", "Trainer.eval_every = 150",
         "--bind", "Trainer.eval_episodes = 2", "--bind", "Trainer.log_every = 50",
         "--bind", "QVPO.batch_size = 16", "--bind", "QVPO.train_candidates = 4",
-        "--bind", "QVPO.eval_candidates = 4", "--bind", "DiffusionPolicy.T = 3",
+        "--bind", "QVPO.eval_candidates = 4", "--bind", "QVPO.T = 3",
         "--bind", "Denoiser.hidden = (16, 16)", "--bind", "TwinQ.hidden = (16, 16)",
         "--bind", "ReplayBuffer.capacity = 1000"]
 
@@ -45,7 +45,7 @@ def test_train_writes_a_complete_mlflow_run(tmp_path, monkeypatch, capsys):
     p = run.data.params
     assert p["QVPO.batch_size"] == "16" and p["QVPO.target_candidates"] == "4"
     assert p["Trainer.env_id"] == "'Pendulum-v1'" and p["Trainer.seed"] == "1"
-    assert p["DiffusionPolicy.T"] == "3" and p["adam.eps"] == "1e-05"
+    assert p["QVPO.T"] == "3" and p["adam.eps"] == "1e-05"
     t = run.data.tags
     for tag in ("device", "host", "version.torch", "version.mlflow", "algo", "env_id"):
         assert tag in t
@@ -88,7 +88,7 @@ BAD_INPUT = [
     (["--algo", "foo"], "unknown --algo 'foo'"),
     (["--env", "Hoppr-v5"], "unknown env id 'Hoppr-v5'"),
     (["--bind", "QVPO.behavior_candidates = 0"], "behavior_candidates (Kb) must be an integer >= 1"),
-    (["--bind", "DiffusionPolicy.T = 0"], "DiffusionPolicy.T (diffusion steps) must be an integer >= 1"),
+    (["--bind", "QVPO.T = 0"], "QVPO.T (diffusion steps) must be an integer >= 1"),
     (["--bind", "ReplayBuffer.capacity = 10"], "larger than the replay buffer"),
     (["--steps", "-5"], "total_steps (--steps) must be an integer >= 0"),
     (["--device", "tpu"], "device must be"),
@@ -141,10 +141,10 @@ def test_seeds_per_process_make_one_mlflow_run_per_seed(tmp_path, monkeypatch, c
 # tiny settings per algorithm (each run: Pendulum-v1, 300 env steps, two evaluations)
 ALGO_TINY = {
     "qvpo": ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4",
-             "DiffusionPolicy.T = 3", "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
+             "QVPO.T = 3", "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
     "sac": ["SAC.batch_size = 16", "SAC.hidden = (16, 16)"],
     "td3": ["TD3.batch_size = 16", "TD3.hidden = (16, 16)", "Trainer.warmup_steps = 100"],
-    "dipo": ["DIPO.batch_size = 16", "DIPO.action_gradient_steps = 2", "DiffusionPolicy.T = 3",
+    "dipo": ["DIPO.batch_size = 16", "DIPO.action_gradient_steps = 2", "DIPO.T = 3",
              "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
     "qsm": ["QSM.batch_size = 16", "QSM.actor_hidden = (16, 16)", "QSM.critic_hidden = (16, 16)",
             "QSM.time_dim = 8", "QSM.time_hidden = (16, 16)"],

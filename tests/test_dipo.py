@@ -257,7 +257,7 @@ def test_dipo_learns_pendulum():
         "DIPO.batch_size = 128",  # the reference's 256 halved
         "DIPO.action_gradient_steps = 5",  # reference 20: the ascent is most of an update's cost
         "DIPO.critic_lr = 1e-3", "DIPO.policy_lr = 1e-3",  # faster than the reference's 3e-4 for a short run
-        "DiffusionPolicy.T = 3",
+        "DIPO.T = 3",
         "Denoiser.hidden = (64, 64)", "Denoiser.time_dim = 8", "Denoiser.time_hidden = 32",
         "TwinQ.hidden = (64, 64)",
     ])

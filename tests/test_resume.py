@@ -22,7 +22,7 @@ TIMING = ("perf/", "time/")  # wall-clock metrics: never the same twice
 SETTINGS = {
     "SAC": ["SAC.batch_size = 16", "SAC.hidden = (16, 16)", "Trainer.warmup_steps = 100"],
     "QVPO": ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4",
-             "QVPO.target_candidates = 2", "DiffusionPolicy.T = 3", "Denoiser.hidden = (16, 16)",
+             "QVPO.target_candidates = 2", "QVPO.T = 3", "Denoiser.hidden = (16, 16)",
              "Denoiser.time_hidden = 16", "TwinQ.hidden = (16, 16)", "Trainer.warmup_steps = 100"],
     "PPO": ["PPO.rollout_steps = 128", "PPO.minibatch_size = 32", "PPO.epochs = 2", "Trainer.warmup_steps = 0"],
 }

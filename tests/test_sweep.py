@@ -21,7 +21,7 @@ Sweep.envs = ('Pendulum-v1',)
 Sweep.seeds = 2
 Sweep.steps = 400
 Sweep.bindings = ('SAC.batch_size = 16', 'SAC.hidden = (16, 16)', 'QVPO.batch_size = 16', 'QVPO.train_candidates = 4',
-                  'QVPO.eval_candidates = 4', 'DiffusionPolicy.T = 3', 'Denoiser.hidden = (16, 16)',
+                  'QVPO.eval_candidates = 4', 'QVPO.T = 3', 'Denoiser.hidden = (16, 16)',
                   'TwinQ.hidden = (16, 16)',
                   'Trainer.warmup_steps = 100', 'Trainer.eval_every = 200', 'Trainer.eval_episodes = 2',
                   'Trainer.log_every = 100', 'Trainer.checkpoint_every = 200', 'ReplayBuffer.capacity = 1000')
@@ -35,26 +35,59 @@ def _spec(tmp_path):
     return str(path)
 
 
-def test_expand_and_config_hash(tmp_path):
+def _identities(runs):
+    sw.identify(runs)
+    return [r.identity for r in runs]
+
+
+def test_expand_and_run_identity(tmp_path):
     spec = sw.load_spec(_spec(tmp_path), [])
     runs = sw.expand(spec)
     assert [(r.algo, r.seed) for r in runs] == [("qvpo", 0), ("qvpo", 1), ("sac", 0), ("sac", 1),
                                                 ("random", 0), ("random", 1)]
-    hashes = {r.config_hash() for r in runs}
-    assert len(hashes) == 6  # every run its own identity
-    again = sw.expand(spec, bindings=["MlflowTracker.experiment = 'elsewhere'", "Trainer.progress = True"])
-    assert [r.config_hash() for r in again] == [r.config_hash() for r in runs]  # tracking is not identity
-    other = sw.expand(spec, bindings=["QVPO.tau = 0.01"])
-    assert other[0].config_hash() != runs[0].config_hash()
+    ids = _identities(runs)
+    assert len(set(ids)) == 6  # every run its own identity
+    again = sw.expand(spec, bindings=["MlflowTracker.experiment = 'elsewhere'", "Trainer.progress = True",
+                                      "DiffusionPolicy.fused = False", "Trainer.checkpoint_every = 7"])
+    assert _identities(again) == ids  # tracking and speed-only settings are not identity
+    same_value = sw.expand(spec, bindings=["QVPO.gamma = 0.99", "SAC.tau = 0.005"])  # = the defaults
+    assert _identities(same_value) == ids
+    other = _identities(sw.expand(spec, bindings=["QVPO.tau = 0.01"]))
+    assert other[:2] != ids[:2] and other[2:] == ids[2:]  # QVPO's runs only: SAC's never see QVPO.*
     with pytest.raises(ConfigError, match="unknown algorithm 'sax'"):
         sw.expand(spec, algos=["sax"])
     with pytest.raises(ConfigError, match="unknown env id"):
         sw.expand(spec, envs=["Hopper-v9"])
 
 
+def test_identity_ignores_comments_and_includes_but_not_values_or_the_results_version(tmp_path, monkeypatch):
+    """A run's identity is its operative config: a comment edit or the same value through an
+    include keeps it; a changed value or a results-version bump changes it."""
+    from qvpo import identity
+
+    extra = tmp_path / "extra.gin"
+    spec_text = SPEC + f"Sweep.gin_files = {{'qvpo': ['{extra}']}}\n"
+    (tmp_path / "spec.gin").write_text(spec_text)
+
+    def ids(text):
+        extra.write_text(text)
+        runs = sw.expand(sw.load_spec(str(tmp_path / "spec.gin"), []))
+        return _identities(runs)[:2]
+
+    base = ids("QVPO.tau = 0.01\n")
+    assert ids("# a comment\nQVPO.tau = 0.01   # another\n") == base
+    (tmp_path / "inc.gin").write_text("QVPO.tau = 0.01\n")
+    assert ids(f"include '{tmp_path / 'inc.gin'}'\n") == base  # the value through an include
+    assert ids("QVPO.tau = 0.02\n") != base
+    monkeypatch.setattr(identity, "RESULTS_VERSION", identity.RESULTS_VERSION + 1)
+    assert ids("QVPO.tau = 0.01\n") != base
+
+
 def test_plan_skips_finished_resumes_checkpointed_restarts_the_rest(tmp_path):
     spec = sw.load_spec(_spec(tmp_path), [])
-    a, b, c, d = sw.expand(spec)[:4]
+    runs = sw.expand(spec)[:4]
+    sw.identify(runs)
+    a, b, c, d = runs
     ckpt = tmp_path / "state.pt"
     ckpt.write_bytes(b"x")
 
@@ -62,8 +95,7 @@ def test_plan_skips_finished_resumes_checkpointed_restarts_the_rest(tmp_path):
         return SimpleNamespace(info=SimpleNamespace(status=status, run_id=f"id-{status}"),
                                data=SimpleNamespace(tags={"qvpo.checkpoint": str(checkpoint)} if checkpoint else {}))
 
-    known = {a.config_hash(): run("FINISHED"), b.config_hash(): run("KILLED", ckpt),
-             c.config_hash(): run("FAILED")}
+    known = {a.identity: run("FINISHED"), b.identity: run("KILLED", ckpt), c.identity: run("FAILED")}
     assert [(act, rid) for _, act, rid in sw.plan([a, b, c, d], known)] == [
         ("skip", "id-FINISHED"), ("resume", "id-KILLED"), ("new", "id-FAILED"), ("new", None)]
 
@@ -97,6 +129,12 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "0 to start, 0 to resume, 6 finished" in out
     assert len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id])) == 6
+    from qvpo import identity  # a results-version bump: every run is new again
+    monkeypatch.setattr(identity, "RESULTS_VERSION", identity.RESULTS_VERSION + 1)
+    assert main(["sweep", spec, "--dry-run", "--tracking-uri", uri]) == 0
+    assert "6 to start, 0 to resume, 0 finished" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
 
     # the report on these runs, its numbers recomputed here from the runs themselves
     paper = tmp_path / "paper.csv"
@@ -139,18 +177,17 @@ def test_every_reproduce_spec_expands_and_its_runs_parse(spec):
 
     s = sw.load_spec(spec, [])
     runs = sw.expand(s)
-    assert runs and len({r.config_hash() for r in runs}) == len(runs)
     if s.variants:
         assert "QVPO" in s.variants  # the treatment the report compares the other variants with
     seen = set()
     for r in runs:
-        key = (tuple(r.gin_files), tuple(b for b in r.bindings if not b.startswith(("Trainer.seed", "Trainer.env_id"))))
+        key = (r.algo, tuple(r.gin_files), tuple(b for b in r.bindings if not b.startswith(("Trainer.seed", "Trainer.env_id"))))
         if key not in seen:
             seen.add(key)
-            config.parse(r.gin_files, r.bindings)
+            config.parse(r.gin_files, r.bindings, algo=r.algo)
 
 
-TINY_QVPO = ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4", "DiffusionPolicy.T = 3",
+TINY_QVPO = ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4", "QVPO.T = 3",
              "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)", "Trainer.warmup_steps = 100",
              "Trainer.eval_every = 150", "Trainer.eval_episodes = 1", "Trainer.log_every = 100",
              "ReplayBuffer.capacity = 1000", "QVPO.gradient_variance_every = 100",

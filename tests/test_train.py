@@ -6,7 +6,7 @@ import torch
 from qvpo.train import MetricAccumulator, Trainer
 
 NO_UPDATES = ["Trainer.progress = False", "Trainer.eval_episodes = 1", "ReplayBuffer.capacity = 100",
-              "QVPO.batch_size = 4", "DiffusionPolicy.T = 2", "Denoiser.hidden = (8,)", "TwinQ.hidden = (8,)"]
+              "QVPO.batch_size = 4", "QVPO.T = 2", "Denoiser.hidden = (8,)", "TwinQ.hidden = (8,)"]
 
 
 def build(*extra):

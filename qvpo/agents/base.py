@@ -24,6 +24,11 @@ class Agent(abc.ABC):
     """
 
     on_policy = False
+    # a reference point that learns nothing (the random policy): it ignores other agents' bindings
+    baseline = False
+    # env steps of uniformly random actions before the first update: the algorithm's own setting
+    # (TD3's reference uses 25k, SAC's and QVPO's 10k); Trainer.warmup_steps overrides it for all
+    warmup_steps: int = 0
 
     batch_size: int
     device: torch.device
@@ -31,8 +36,10 @@ class Agent(abc.ABC):
     seeds: list[int]
 
     def _setup(self, name: str, device, timer: PhaseTimer | None, seeds, batch_size: int,
-               gamma: float, tau: float = 1.0, **learning_rates: float) -> None:
-        """What every agent checks and keeps: device, timer, seeds, and the TD settings."""
+               gamma: float, tau: float = 1.0, warmup_steps: int = 0, **learning_rates: float) -> None:
+        """What every agent checks and keeps: device, timer, seeds, warm-up and the TD settings."""
+        require_int(warmup_steps, f"{name}.warmup_steps (env steps)", 0)
+        self.warmup_steps = warmup_steps
         require(len(seeds) >= 1, f"{name} needs at least one seed")
         require_int(batch_size, f"{name}.batch_size", 1)
         require(0 <= gamma <= 1, f"{name}.gamma must be in [0, 1], got {gamma}")

@@ -123,6 +123,8 @@ class DIPO(Agent):
     losses, gradient clips and action-gradient clips).
 
     Args:
+      warmup_steps: env steps of uniformly random actions before the first update (reference: start_steps).
+      T: diffusion steps of the policy (reference: n_timesteps 100).
       batch_size: minibatch size, for the critic and (separately drawn) for the diffusion buffer.
       gamma: discount.
       tau: soft-update rate of the target critic and the EMA target policy.
@@ -144,6 +146,8 @@ class DIPO(Agent):
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
                  seeds: tuple[int, ...] = (0,),
+                 warmup_steps: int = 10_000,
+                 T: int = 100,
                  batch_size: int = 256,
                  gamma: float = 0.99,
                  tau: float = 0.005,
@@ -159,7 +163,7 @@ class DIPO(Agent):
                  write_back: bool = True,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam,
                  action_adam_eps: float = 1e-5):
-        self._setup("DIPO", device, timer, seeds, batch_size, gamma, tau,
+        self._setup("DIPO", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
                     policy_lr=policy_lr, critic_lr=critic_lr, action_lr=action_lr)
         require_int(action_gradient_steps, "DIPO.action_gradient_steps", 0)
         require_int(update_actor_target_every, "DIPO.update_actor_target_every (updates)", 1)
@@ -178,8 +182,9 @@ class DIPO(Agent):
         self.action_dim = action_dim
         self.num_updates = 0
 
+        require_int(T, "DIPO.T (diffusion steps)", 1)
         init = init_generators(self.seeds)  # policy first, then critic (as QVPO)
-        self.policy = DiffusionPolicy(obs_dim, action_dim, init).to(self.device)
+        self.policy = DiffusionPolicy(obs_dim, action_dim, init, T=T).to(self.device)
         self.policy_target = copy.deepcopy(self.policy).requires_grad_(False)  # EMA policy
         self.critic = TwinQ(obs_dim, action_dim, init).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

@@ -152,6 +152,7 @@ class QSM(Agent):
     gin/algos/qsm.gin restates them with sources and names the earlier code's values.
 
     Args:
+      warmup_steps: env steps of uniformly random actions before the first update.
       batch_size, gamma, tau: minibatch size, discount, soft-update rate of the target critics.
       actor_lr, critic_lr: Adam learning rates (3e-4 each).
       actor_lr_decay_steps: cosine decay of the actor's learning rate to 0 over this many actor
@@ -177,6 +178,7 @@ class QSM(Agent):
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
                  seeds: tuple[int, ...] = (0,),
+                 warmup_steps: int = 10_000,
                  batch_size: int = 256,
                  gamma: float = 0.99,
                  tau: float = 0.005,
@@ -200,7 +202,7 @@ class QSM(Agent):
                  init: str = "xavier",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        self._setup("QSM", device, timer, seeds, batch_size, gamma, tau,
+        self._setup("QSM", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
                     actor_lr=actor_lr, critic_lr=critic_lr)
         if actor_lr_decay_steps is not None:
             require_int(actor_lr_decay_steps, "QSM.actor_lr_decay_steps", 1)

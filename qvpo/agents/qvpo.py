@@ -75,6 +75,8 @@ class QVPO(Agent):
     per-seed gradient clipping; Adam is elementwise).
 
     Args:
+      warmup_steps: env steps of uniformly random actions before the first update.
+      T: diffusion steps of the policy (reference: 20).
       batch_size: minibatch size, for the critic and (separately drawn) for the policy step.
       gamma: discount.
       tau: soft-update rate of the target critic and the EMA target policy.
@@ -114,6 +116,8 @@ class QVPO(Agent):
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
                  seeds: tuple[int, ...] = (0,),
+                 warmup_steps: int = 10_000,
+                 T: int = 20,
                  batch_size: int = 256,
                  gamma: float = 0.99,
                  tau: float = 0.005,
@@ -136,7 +140,7 @@ class QVPO(Agent):
                  gradient_variance_weightings: tuple[str, ...] = ("qadv", "qcut", "qrelu", "qexp", "qexpadv"),
                  behavior_rule=None,
                  target_rule=None):
-        self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau,
+        self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
                     policy_lr=policy_lr, critic_lr=critic_lr)
         for name, value in [("behavior_candidates (Kb)", behavior_candidates),
                             ("target_candidates (Kt)", target_candidates),
@@ -160,8 +164,9 @@ class QVPO(Agent):
         self.shared_batch = shared_batch
         self.action_dim = action_dim
 
+        require_int(T, "QVPO.T (diffusion steps)", 1)
         init = init_generators(self.seeds)  # policy first, then critic: per-seed init streams
-        self.policy = DiffusionPolicy(obs_dim, action_dim, init).to(self.device)
+        self.policy = DiffusionPolicy(obs_dim, action_dim, init, T=T).to(self.device)
         self.policy_target = copy.deepcopy(self.policy).requires_grad_(False)  # EMA policy
         self.critic = TwinQ(obs_dim, action_dim, init).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

@@ -19,6 +19,8 @@ from qvpo.timing import PhaseTimer
 class Random(Agent):
     """Actions uniform in [-1, 1]^A (the env's bounds after rescaling); `update` does nothing."""
 
+    baseline = True
+
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
                  seeds: tuple[int, ...] = (0,), batch_size: int = 1):

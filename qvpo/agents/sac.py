@@ -68,6 +68,7 @@ class SAC(Agent):
     restates them with sources.
 
     Args:
+      warmup_steps: env steps of uniformly random actions before the first update.
       batch_size, gamma, tau: minibatch size, discount, target smoothing coefficient.
       actor_lr, critic_lr, alpha_lr: Adam learning rates (3e-4 each).
       adam_eps: Adam's epsilon (PyTorch's default 1e-8; QVPO's reference uses 1e-5).
@@ -81,6 +82,7 @@ class SAC(Agent):
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
                  seeds: tuple[int, ...] = (0,),
+                 warmup_steps: int = 10_000,
                  batch_size: int = 256,
                  gamma: float = 0.99,
                  tau: float = 0.005,
@@ -94,7 +96,7 @@ class SAC(Agent):
                  init: str = "torch",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        self._setup("SAC", device, timer, seeds, batch_size, gamma, tau,
+        self._setup("SAC", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
                     actor_lr=actor_lr, critic_lr=critic_lr, alpha_lr=alpha_lr)
         require(init_alpha > 0, f"SAC.init_alpha must be > 0, got {init_alpha}")
         self.grad_clip = grad_clip

@@ -46,6 +46,7 @@ class TD3(Agent):
     below; gin/algos/td3.gin restates them with sources.
 
     Args:
+      warmup_steps: env steps of uniformly random actions before the first update.
       batch_size, gamma, tau: minibatch size, discount, target update rate.
       actor_lr, critic_lr: Adam learning rates.
       hidden: hidden widths of actor and critics (ReLU).
@@ -58,6 +59,7 @@ class TD3(Agent):
     def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
                  seeds: tuple[int, ...] = (0,),
+                 warmup_steps: int = 25_000,
                  batch_size: int = 256,
                  gamma: float = 0.99,
                  tau: float = 0.005,
@@ -72,7 +74,7 @@ class TD3(Agent):
                  init: str = "torch",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        self._setup("TD3", device, timer, seeds, batch_size, gamma, tau,
+        self._setup("TD3", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
                     actor_lr=actor_lr, critic_lr=critic_lr)
         require_int(policy_delay, "TD3.policy_delay", 1)
         require(min(exploration_noise, policy_noise, noise_clip) >= 0, "TD3 noise scales must be >= 0")
