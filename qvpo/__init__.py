@@ -6,3 +6,10 @@ contains algorithm maths.
 """
 
 __version__ = "0.1.0"
+
+
+def run(*args, **kwargs):
+    """One tracked run from Python (see qvpo.api.run): `qvpo.run(["envs/hopper.gin"], algo="sac")`."""
+    from qvpo.api import run as _run
+
+    return _run(*args, **kwargs)

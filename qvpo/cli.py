@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -44,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Expand a sweep spec (gin, e.g. reproduce/table1/sweep.gin) into one "
                                    "`qvpo train` run per (algorithm, task, seed); finished runs (same config "
                                    "hash) are skipped, interrupted ones resumed from their checkpoints.")
-    w.add_argument("spec", help="sweep spec gin file")
+    w.add_argument("spec", help="sweep spec: a gin file, or a shipped spec's name (table1, cpu_scale, ...)")
     w.add_argument("--steps", type=int, help="env steps per run (overrides Sweep.steps)")
     w.add_argument("--seeds", type=int, help="seeds per (algorithm, task) (overrides Sweep.seeds)")
     w.add_argument("--envs", nargs="+", help="tasks (overrides Sweep.envs)")
@@ -65,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="build a table with statistics from an experiment's runs")
     r.add_argument("experiment")
     r.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    r.add_argument("--paper", help="the paper's numbers (csv: env,algo,mean,std), e.g. reproduce/table1/paper.csv")
+    r.add_argument("--paper", help="the paper's numbers (csv: env,algo,mean,std): a path, or the shipped "
+                        "reproduce/table1/paper.csv")
     r.add_argument("--out", default="reports", help="reports go to OUT/<experiment>/")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print links to the runs")
@@ -76,178 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> int:
-    import gin
+    from qvpo.api import run
+    from qvpo.tracking import ui_links
 
-    from qvpo import config, identity
-    from qvpo.tracking import MlflowTracker, flat_params, run_tags
-    from qvpo.train import Checkpointer, DivergenceError, Interrupted, Trainer
-
-    # 1. config: files, then bindings, then shorthands (all before anything is built); a resumed
-    #    run uses the operative config its checkpoint holds
-    extra_tags = {}
+    tags = {}
     for item in args.tag:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--tag {item!r}: expected KEY=VALUE")
-        extra_tags[key.strip()] = value
-    resumed = _load_resume(args) if args.resume else None
-    if resumed is not None:
-        if args.gin or args.bind or any(v is not None for v in (args.algo, args.env, args.steps, args.seed,
-                                                                  args.experiment, args.device)):
-            raise ConfigError("--resume continues a run with its own config: drop --gin, --bind and the "
-                              "shorthand flags (only --tracking-uri, --checkpoint-dir and --quiet apply)")
-        extra = resumed["extra"]
-        config.parse_text(extra["config"], [f"MlflowTracker.tracking_uri = {extra['tracking_uri']!r}"]
-                          + (["Trainer.progress = False"] if args.quiet else []))
-    else:
-        bindings = list(args.bind) + config.shorthand_bindings(
-            env=args.env, steps=args.steps, seed=args.seed, experiment=args.experiment,
-            tracking_uri=args.tracking_uri, device=args.device)
-        if args.quiet:
-            bindings.append("Trainer.progress = False")
-        config.parse(args.gin, bindings, algo=args.algo)
-
-    # 2. build envs, buffers and agent (validates every value), check the store: still no run
-    try:
-        trainer = Trainer()
-        trackers = [MlflowTracker() for _ in trainer.seeds]
-        if resumed is not None:
-            trainer.load_state_dict(resumed["trainer"])
-    except ConfigError:
-        raise
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(("checkpoint does not fit this run: " if resumed else "") + one_line(e)) from None
-    trackers[0].check()
-    holding = trainer.checkpoint_every > 0
-    for tracker in trackers:
-        tracker.hold = holding
-
-    # 3. one MLflow run per seed, with the operative config of everything built above
-    algo_name = type(trainer.agent).__name__
-    params, config_str = flat_params(), gin.operative_config_str()
-    cell = identity.cell_identity()
-    planned = extra_tags.get(identity.PLANNED_TAG)
-    if resumed is None and planned and planned != identity.run_identity(cell, trainer.seeds[0]):
-        raise ConfigError(f"this run builds another config than its sweep planned (identity "
-                          f"{identity.run_identity(cell, trainer.seeds[0])}, planned {planned}): was the "
-                          f"package or a gin file changed while the sweep ran? Re-run the sweep")
-    N = len(trainer.seeds)
-    started: list[MlflowTracker] = []
-    handlers = _stop_on_signals(trainer)
-    out_dirs: list[Path] = []
-    ckpt_path = None
-    try:
-        if resumed is None:
-            for tracker, seed in zip(trackers, trainer.seeds):
-                run_id = tracker.start(
-                    run_name=f"{algo_name}-{trainer.env_id}-s{seed}",
-                    params={**params, "Trainer.seed": str(seed)}, config_str=config_str,
-                    tags={**run_tags(str(trainer.device)), "algo": algo_name, "env_id": trainer.env_id,
-                          "seed": str(seed), "seeds_per_process": str(N), **extra_tags,
-                          **identity.identity_tags(cell, seed), "qvpo.warmup_steps": str(trainer.warmup_steps)})
-                started.append(tracker)
-            run_dir = Path(args.checkpoint_dir).resolve() / trackers[0].run_id
-        else:
-            extra = resumed["extra"]
-            for tracker, run_id, pending in zip(trackers, extra["run_ids"], extra["pending"]):
-                tracker.resume(run_id, pending, trainer.step)
-                started.append(tracker)
-            run_dir = Path(extra["run_dir"])
-        ckpt_path = run_dir / "state.pt"
-        for tracker, seed in zip(trackers, trainer.seeds):
-            tracker.set_tag("qvpo.checkpoint", str(ckpt_path))
-            print(f"MLflow run {tracker.run_id} (seed {seed}) in experiment {tracker.experiment!r} at "
-                  f"{tracker.uri}" + (f", resumed at env step {trainer.step}" if resumed else ""), file=sys.stderr)
-        out_dirs = [run_dir / f"seed{seed}" for seed in trainer.seeds]
-        checkpointer = Checkpointer(
-            ckpt_path,
-            extra=lambda: {"config": config_str, "tracking_uri": trackers[0].uri, "run_dir": str(run_dir),
-                           "run_ids": [t.run_id for t in trackers], "pending": [t.pending_rows() for t in trackers]},
-            committed=lambda step: [t.flush() for t in trackers] if holding else None)
-        results = trainer.run([t.log for t in trackers], out_dirs, checkpointer)
-        for tracker, d in zip(trackers, out_dirs):
-            tracker.flush()
-            if d.exists():
-                tracker.log_artifacts(d)
-    except Interrupted as stop:
-        reason = f"{stop}; resume with: qvpo train --resume {trackers[0].run_id}"
-        for tracker in started:
-            tracker.end("KILLED", reason, flush=not holding)
-            print(f"run_id: {tracker.run_id} (killed: {reason})")
-        return 128 + stop.signum
-    except DivergenceError as e:
-        for tracker, d in zip(started, out_dirs or [None] * len(started)):
-            _upload_quietly(tracker, d)
-            tracker.set_tag("failure_reason", str(e)[:5000])
-            tracker.end("FAILED", str(e), flush=not holding)
-        print(f"qvpo: error: {e} (the last good checkpoint is kept: {ckpt_path})", file=sys.stderr)
-        return 1
-    except BaseException as e:
-        for tracker, d in zip(started, out_dirs or [None] * len(started)):
-            _upload_quietly(tracker, d)
-            tracker.end("FAILED", f"{type(e).__name__}: {e}", flush=not holding)
-        raise
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        trainer.close()
+        tags[key.strip()] = value
+    out = run(args.gin, args.bind, algo=args.algo, env=args.env, steps=args.steps, seed=args.seed,
+              experiment=args.experiment, tracking_uri=args.tracking_uri, device=args.device, quiet=args.quiet,
+              tags=tags, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    if out.status == "KILLED":
+        for run_id in out.run_ids:
+            print(f"run_id: {run_id} (killed: {out.message})")
+    if out.status != "FINISHED":
+        return out.exit_code
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
-    for tracker, seed, result in zip(trackers, trainer.seeds, results):
-        tracker.end("FINISHED")
-        if N > 1:
+    for run_id, seed, result in zip(out.run_ids, out.seeds, out.results):
+        if len(out.seeds) > 1:
             print(f"seed {seed}:")
         print_curve(result)
-        print(f"run_id: {tracker.run_id}")
+        print(f"run_id: {run_id}")
+        print(f"in the MLflow UI (qvpo ui): {ui_links('http://127.0.0.1:5000', out.experiment_id, run_id)['this run']}")
         print(f"final eval return: {fmt(result.final_eval)}")
         print(f"best eval return: {fmt(result.best_eval)}")
-    shutil.rmtree(run_dir, ignore_errors=True)  # uploaded to MLflow; a finished run is not resumed
     return 0
-
-
-def _load_resume(args: argparse.Namespace) -> dict:
-    """The checkpoint named by --resume: a file path, or an MLflow run id whose tag points to one."""
-    from qvpo import checkpoint
-    from qvpo.tracking import resolve_tracking_uri
-
-    target = args.resume
-    if Path(target).is_file():
-        return checkpoint.load(Path(target))
-    uri = resolve_tracking_uri(args.tracking_uri)
-    missing = f"--resume {target!r}: no such checkpoint file, and no MLflow run with that id at {uri!r}"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise ConfigError(missing)  # (looking would create an empty store)
-    try:
-        from mlflow.tracking import MlflowClient
-
-        run = MlflowClient(uri).get_run(target)
-    except Exception:  # noqa: BLE001 - a missing run or an unusable store
-        raise ConfigError(missing) from None
-    path = run.data.tags.get("qvpo.checkpoint")
-    if run.info.status == "FINISHED":
-        raise ConfigError(f"MLflow run {target} has already FINISHED; nothing to resume")
-    if not path:
-        raise ConfigError(f"MLflow run {target} has no checkpoint (tag qvpo.checkpoint); it cannot be resumed")
-    return checkpoint.load(Path(path))
-
-
-def _stop_on_signals(trainer) -> dict:
-    """SIGINT / SIGTERM: the trainer checkpoints and stops at the end of the current env step;
-    a second signal stops at once."""
-    def handler(signum, frame):
-        if trainer.stop_signal is not None:
-            raise KeyboardInterrupt(f"signal {signum}")
-        trainer.stop_signal = signum
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _upload_quietly(tracker, out_dir: Path | None) -> None:
-    """Keep what exists (best checkpoint, eval.csv) with a failed run; report, never raise."""
-    try:
-        if out_dir is not None and out_dir.exists():
-            tracker.log_artifacts(out_dir)
-    except Exception as e:  # noqa: BLE001
-        print(f"qvpo: warning: could not upload artifacts of run {tracker.run_id}: {e}", file=sys.stderr)
 
 
 def print_curve(result, max_rows: int = 20) -> None:
@@ -267,7 +121,7 @@ def print_curve(result, max_rows: int = 20) -> None:
 def ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from qvpo.tracking import resolve_tracking_uri
+    from qvpo.tracking import resolve_tracking_uri, ui_links
 
     uri = resolve_tracking_uri(args.tracking_uri)
     base = f"http://127.0.0.1:{args.port}"
@@ -279,8 +133,8 @@ def ui(args: argparse.Namespace) -> int:
         exp = None
     print(f"MLflow UI for {uri} at {base}")
     if exp is not None:
-        print(f"  runs table:        {base}/#/experiments/{exp.experiment_id}/runs")
-        print(f"  metrics as charts: {base}/#/experiments/{exp.experiment_id}/runs?compareRunsMode=CHART")
+        for what, link in ui_links(base, exp.experiment_id).items():
+            print(f"  {what + ':':19s}{link}")
     print("  (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
@@ -329,11 +183,12 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
+    from qvpo.config import find_file
     from qvpo.report import build_report
     from qvpo.tracking import resolve_tracking_uri
 
-    out = build_report(args.experiment, resolve_tracking_uri(args.tracking_uri),
-                       Path(args.paper) if args.paper else None, Path(args.out))
+    paper = find_file(args.paper, "paper table") if args.paper else None  # a path, or a shipped one
+    out = build_report(args.experiment, resolve_tracking_uri(args.tracking_uri), paper, Path(args.out))
     print((out / "table.md").read_text())
     print(f"report written to {out}")
     return 0

@@ -7,6 +7,7 @@ misspelled name is an error, never silently ignored.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import gin
@@ -26,15 +27,37 @@ import qvpo.weights  # noqa: F401
 from qvpo.agents import ALGORITHMS
 from qvpo.errors import ConfigError, one_line
 
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+# the configs and reproduce specs ship inside the package (also in a wheel): qvpo/gin/ and
+# qvpo/reproduce/ (the checkout links gin/ and reproduce/ at its top level to them)
+PACKAGE_DIR = Path(str(resources.files("qvpo")))
+GIN_DIR = PACKAGE_DIR / "gin"
+REPRODUCE_DIR = PACKAGE_DIR / "reproduce"
+
+
+def find_file(name: str, what: str = "gin file") -> Path:
+    """A path as given (from the working directory), else one shipped with the package: relative
+    to its gin/ ('algos/sac.gin') or to the package ('reproduce/cpu_scale/qvpo_reduced.gin')."""
+    for candidate in (Path(name), GIN_DIR / name, PACKAGE_DIR / name):
+        if candidate.is_file():
+            return candidate.resolve()  # absolute: gin's own include prefixes are not searched
+    raise ConfigError(f"{what} {name!r} not found (looked in the working directory, {GIN_DIR} and {PACKAGE_DIR})")
 
 
 def find_gin_file(name: str) -> Path:
-    """A path as given, else relative to the repository's gin/ directory."""
-    for candidate in (Path(name), GIN_DIR / name):
-        if candidate.is_file():
-            return candidate.resolve()  # absolute: gin's own include prefixes are not searched
-    raise ConfigError(f"gin file {name!r} not found (looked in the working directory and {GIN_DIR})")
+    return find_file(name, "gin file")
+
+
+def find_spec(name: str) -> Path:
+    """A sweep spec: a path, or the name of a shipped one ('table1' = reproduce/table1/sweep.gin)."""
+    shipped = REPRODUCE_DIR / name / "sweep.gin"
+    if not Path(name).is_file() and shipped.is_file():
+        return shipped
+    try:
+        return find_file(name, "sweep spec")
+    except ConfigError:
+        names = sorted(p.parent.name for p in REPRODUCE_DIR.glob("*/sweep.gin"))
+        raise ConfigError(f"sweep spec {name!r} not found: give a path to a spec file or one of the shipped "
+                          f"specs: {', '.join(names)}") from None
 
 
 def use_gin_dir_for_includes() -> None:

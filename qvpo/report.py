@@ -4,9 +4,17 @@
 (algorithm, task, seed) tagged `algo`, `env_id`, `seed`; computes every candidate for the
 paper's unstated metric per run, summarises cells, tests QVPO against each baseline per task,
 aggregates across tasks on normalised scores (rliable style), draws the figures and writes
-table.md, runs.csv, cells.csv, comparisons.csv, aggregate.csv and PNGs into out_dir/<experiment>/;
-optionally the lot is logged back as a `report` run (tag qvpo.report = 1) that later reports
-skip. The maths lives in qvpo.stats; this module is I/O, tables and plots.
+table.md, runs.csv, cells.csv, comparisons.csv, aggregate.csv, dropped.csv and PNGs into
+out_dir/<experiment>/; optionally the lot is logged back as a `report` run (tag qvpo.report = 1)
+that later reports skip. The maths lives in qvpo.stats; this module is I/O, tables and plots.
+
+What is pooled (select_runs): a cell is (algorithm or variant label, env_id). Its runs are pooled
+only when they computed the same thing: same results version (tag qvpo.results_version) and
+same configuration up to the seed (tag qvpo.cell_identity; the run identity qvpo.run_identity
+includes the seed, so it cannot be compared across seeds). Runs of another results version are
+dropped; of the current version's configurations the one with the most seeds is kept (tie: the
+newest); every dropped run is named in table.md and dropped.csv. Runs without these tags (older
+than run identities) count as results version 1, cell identity "unknown".
 
 Which return the paper's table reports (PAPER_METRIC = best evaluation), argued:
 the paper does not say. Its reference main.py writes only the *training*-episode returns
@@ -34,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvpo import stats
+from qvpo import identity, stats
 from qvpo.errors import ConfigError
 from qvpo.tracking import search_all
 
@@ -48,6 +56,12 @@ EFFICIENCY_STEPS = (100_000, 200_000, 300_000)  # env steps
 LAST_EPISODES = 10  # training episodes averaged for "return at the end"
 SMOOTH_EPISODES = 10  # moving-average window of the training-return curve
 MAX_TAG_CHARS = 5000  # MLflow caps a tag value at 8000 characters
+# the hash of a run's config without its seed: what runs of one cell must share to be pooled
+CELL_IDENTITY_TAG = getattr(identity, "CELL_TAG", "qvpo.cell_identity")  # identity.CELL_TAG
+UNKNOWN_IDENTITY = "unknown"  # runs older than the identity tags
+OLD_VERSION = 1  # the results version of a run without the tag (identity.RESULTS_VERSION's history)
+WARMUP_TAG = "qvpo.warmup_steps"  # env steps of random warm-up the run took (compute_rows)
+DROPPED_COLUMNS = ["run_id", "label", "env_id", "seed", "results_version", "cell_identity", "reason"]
 
 # per-run metrics, in the order the tables show them
 METRICS = {
@@ -79,6 +93,10 @@ class Run:
     train_values: np.ndarray = field(repr=False)
     metrics: dict = field(default_factory=dict)
     metric_keys: frozenset = field(default_factory=frozenset, repr=False)  # every metric the run logged
+    warmup_steps: int = 0  # env steps of random actions before learning (see _warmup_steps)
+    results_version: int = OLD_VERSION
+    cell_identity: str = UNKNOWN_IDENTITY
+    run_identity: str = ""
 
 
 def task_name(env_id: str) -> str:
@@ -96,34 +114,148 @@ def _history(client, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([last[s] for s in sorted(last)], dtype=float)
 
 
-def load_runs(client, experiment_id: str) -> tuple[list[Run], list[str]]:
-    """The experiment's FINISHED training runs and a list of notes on what was left out:
-    report runs (tag qvpo.report), runs without algo/env_id tags, and older duplicates of an
-    (algo, env_id, seed) triple (the most recently started run is kept)."""
-    notes, latest = [], {}
-    for r in search_all(client, experiment_id, "attributes.status = 'FINISHED'"):
+def _finite(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The points of a history with a finite value, and how many were not (a NaN return is a
+    missing number, not a score: it must not turn a run's maximum into NaN)."""
+    ok = np.isfinite(values)
+    return steps[ok], values[ok], int((~ok).sum())
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _warmup_steps(tags: dict, params: dict) -> int:
+    """The run's random warm-up in env steps: tag qvpo.warmup_steps if present, else the param
+    Trainer.warmup_steps, else (that param unset, None: the agent's own) the one
+    `<Agent>.warmup_steps` param the run logged, else 0."""
+    for value in (tags.get(WARMUP_TAG), params.get("Trainer.warmup_steps")):
+        n = _int_or_none(value)
+        if n is not None:
+            return n
+    agent = {_int_or_none(v) for k, v in params.items() if k.endswith(".warmup_steps") and "/" not in k}
+    agent.discard(None)
+    return agent.pop() if len(agent) == 1 else 0
+
+
+def _version(tags: dict) -> int | None:
+    """The run's results version; OLD_VERSION without the tag, None when the tag is unreadable."""
+    return _int_or_none(tags[identity.VERSION_TAG]) if identity.VERSION_TAG in tags else OLD_VERSION
+
+
+def _dropped(r, reason: str) -> dict:
+    t = r.data.tags
+    return {"run_id": r.info.run_id, "label": _label(t) if "algo" in t else t.get("variant", ""),
+            "env_id": t.get("env_id", ""), "seed": t.get("seed", ""),
+            "results_version": t.get(identity.VERSION_TAG, ""),
+            "cell_identity": t.get(CELL_IDENTITY_TAG, ""), "reason": reason}
+
+
+def select_runs(mlflow_runs) -> tuple[list, list[dict], list[str]]:
+    """Which of an experiment's runs (MLflow Run objects) the report pools, cell by cell.
+
+    Returns (kept runs, dropped rows {run_id, label, env_id, seed, results_version, cell_identity,
+    reason}, notes on whole cells). In each cell (label, env_id): runs whose results version is
+    not identity.RESULTS_VERSION are dropped (a cell with no current-version run is left out
+    entirely, with a note); the current-version runs are grouped by cell identity (tag
+    qvpo.cell_identity, "unknown" without it) and only the group with the most seeds is kept
+    (tie: the group with the newest start time): runs of different configurations are never
+    pooled. Within it, of two runs of the same seed the most recently started is kept (a re-run)."""
+    kept, dropped, notes = [], [], []
+    cells = defaultdict(list)
+    for r in mlflow_runs:
         tags = r.data.tags
         if tags.get(REPORT_TAG):
             continue
         if "algo" not in tags or "env_id" not in tags:
-            notes.append(f"run {r.info.run_id}: no algo/env_id tag, left out")
+            dropped.append(_dropped(r, "no algo/env_id tag"))
             continue
-        key = (_label(tags), tags["env_id"], tags.get("seed", r.info.run_id))
-        if key in latest:
-            old, new = sorted([latest[key], r], key=lambda x: x.info.start_time or 0)
-            notes.append(f"run {old.info.run_id}: duplicate of {key[0]} / {key[1]} / seed {key[2]}, "
-                         f"superseded by {new.info.run_id}")
-            r = new
-        latest[key] = r
+        cells[(_label(tags), tags["env_id"])].append(r)
+    current = identity.RESULTS_VERSION
+    for (label, env_id), rs in cells.items():
+        same_version = []
+        for r in rs:
+            v = _version(r.data.tags)
+            if v == current:
+                same_version.append(r)
+            elif v is None:
+                dropped.append(_dropped(r, f"unreadable results version tag "
+                                           f"{r.data.tags[identity.VERSION_TAG]!r}"))
+            else:
+                dropped.append(_dropped(r, f"results version {v}, not the current {current}: runs of "
+                                           "different versions are never pooled"))
+        if not same_version:
+            versions = sorted({str(_version(r.data.tags)) for r in rs})
+            notes.append(f"{label} / {env_id}: no run of the current results version {current} "
+                         f"({len(rs)} run(s) of version {', '.join(versions)}, all dropped): the cell is "
+                         "left out")
+            continue
+        by_identity = defaultdict(list)
+        for r in same_version:
+            by_identity[r.data.tags.get(CELL_IDENTITY_TAG) or UNKNOWN_IDENTITY].append(r)
+
+        def seeds(group):  # a re-run of a seed is not one more run
+            return len({_seed(r) for r in group})
+
+        best = max(by_identity, key=lambda k: (seeds(by_identity[k]),
+                                               max(r.info.start_time or 0 for r in by_identity[k])))
+        for ident, group in by_identity.items():
+            if ident != best:
+                dropped += [_dropped(r, f"cell identity {ident} ({seeds(group)} seed(s)) differs from the kept "
+                                        f"{best} ({seeds(by_identity[best])} seed(s)): different configurations "
+                                        "are never pooled") for r in group]
+        latest = {}
+        for r in sorted(by_identity[best], key=lambda x: x.info.start_time or 0):
+            seed = _seed(r)
+            if seed in latest:
+                dropped.append(_dropped(latest[seed], f"same seed {seed} as the newer run {r.info.run_id}: "
+                                                      "superseded"))
+            latest[seed] = r
+        kept += latest.values()
+    return kept, dropped, notes
+
+
+def _seed(r) -> str:
+    return r.data.tags.get("seed", r.info.run_id)
+
+
+def _load(client, experiment_id: str) -> tuple[list[Run], list[dict], list[str]]:
+    """The runs select_runs keeps, read into Run objects; the dropped rows; notes."""
+    found = search_all(client, experiment_id, "attributes.status = 'FINISHED'")
+    chosen, dropped, notes = select_runs(found)
     runs = []
-    for r in latest.values():
+    for r in chosen:
         t = r.data.tags
-        es, ev = _history(client, r.info.run_id, EVAL_KEY)
-        ts, tv = _history(client, r.info.run_id, TRAIN_KEY)
+        es, ev, bad_e = _finite(*_history(client, r.info.run_id, EVAL_KEY))
+        ts, tv, bad_t = _finite(*_history(client, r.info.run_id, TRAIN_KEY))
+        if bad_e or bad_t:
+            what = " and ".join(f"{k} non-finite {key} value(s)" for k, key in ((bad_e, EVAL_KEY), (bad_t, TRAIN_KEY))
+                                if k)
+            notes.append(f"run {r.info.run_id} ({_label(t)} / {t['env_id']} / seed {t.get('seed', '')}): "
+                         f"{what}, treated as missing")
         runs.append(Run(r.info.run_id, _label(t), t["env_id"], t.get("seed", ""), r.info.start_time or 0,
-                        t.get("config_hash", ""), es, ev, ts, tv, metric_keys=frozenset(r.data.metrics)))
+                        t.get("config_hash", ""), es, ev, ts, tv, metric_keys=frozenset(r.data.metrics),
+                        warmup_steps=_warmup_steps(t, r.data.params), results_version=_version(t),
+                        cell_identity=t.get(CELL_IDENTITY_TAG) or UNKNOWN_IDENTITY,
+                        run_identity=t.get(identity.IDENTITY_TAG, "")))
     runs.sort(key=lambda r: (r.env_id, r.algo, _seed_key(r.seed)))
-    return runs, notes
+    dropped.sort(key=lambda d: (d["env_id"], d["label"], _seed_key(d["seed"]), d["run_id"]))
+    return runs, dropped, notes
+
+
+def load_runs(client, experiment_id: str) -> tuple[list[Run], list[str]]:
+    """The experiment's FINISHED training runs that select_runs pools, and notes on what was left
+    out (one line per dropped run, with its reason, then notes on whole cells)."""
+    runs, dropped, notes = _load(client, experiment_id)
+    return runs, [_dropped_line(d) for d in dropped] + notes
+
+
+def _dropped_line(d: dict) -> str:
+    who = f"{d['label'] or '?'} / {d['env_id'] or '?'} / seed {d['seed'] or '?'}"
+    return f"run {d['run_id']} ({who}): {d['reason']}"
 
 
 def _label(tags: dict) -> str:
@@ -204,27 +336,38 @@ def _task_order(tasks, paper) -> list[str]:
 
 def cell_rows(groups: dict[tuple[str, str], list[Run]], paper) -> list[dict]:
     """One row per (algo, env_id): n, and n / mean / sd / 95 % t-interval of every metric,
-    the paper's mean and sd beside PAPER_METRIC."""
+    the paper's mean and sd beside PAPER_METRIC. `<metric>_n` counts the runs with a value: a cell
+    whose runs all lack PAPER_METRIC (no evaluation logged, or only NaN) says so in its note."""
     rows = []
     for (algo, env_id), runs in groups.items():
         task = task_name(env_id)
         row = {"algo": algo, "env_id": env_id, "task": task, "n": len(runs),
                "seeds": " ".join(r.seed for r in runs),
+               "results_version": " ".join(sorted({str(r.results_version) for r in runs})),
+               "cell_identity": " ".join(sorted({r.cell_identity for r in runs})),
                "config_hashes": " ".join(sorted({r.config_hash for r in runs if r.config_hash}))}
         for m in METRICS:
             s = stats.summarize([r.metrics[m] for r in runs])
             row.update({f"{m}_n": s.n, f"{m}_mean": s.mean, f"{m}_std": s.std,
                         f"{m}_ci_low": s.ci_low, f"{m}_ci_high": s.ci_high})
         pm, ps = paper.get((task, algo), (math.nan, math.nan))
-        row.update({"paper_metric": PAPER_METRIC, "paper_mean": pm, "paper_std": ps,
-                    "note": stats.NO_TEST if len(runs) < stats.MIN_N else ""})
+        usable = row[f"{PAPER_METRIC}_n"]
+        note = (_no_usable(len(runs)) if usable == 0 else
+                stats.NO_TEST if usable < stats.MIN_N else "")
+        row.update({"paper_metric": PAPER_METRIC, "paper_mean": pm, "paper_std": ps, "note": note})
         rows.append(row)
     return rows
 
 
+def _no_usable(n_runs: int) -> str:
+    return f"no usable value: none of its {n_runs} run(s) has a finite {EVAL_KEY}"
+
+
 def comparison_rows(groups: dict[tuple[str, str], list[Run]], metric: str = PAPER_METRIC) -> list[dict]:
-    """QVPO against each baseline on each task: Welch t, Mann-Whitney U, both Holm-adjusted over
-    all comparisons of the table, Hedges' g and a bootstrap interval of the difference of means."""
+    """QVPO against each baseline on each task: Welch t, Mann-Whitney U (exact or exhaustive-
+    permutation p at small n: stats.mann_whitney_u), both Holm-adjusted over all comparisons of
+    the table, Hedges' g and Welch's t-interval of the difference of means (its coverage at 3-5
+    seeds is checked in tests/test_stats.py; the percentile bootstrap's is not near 95 %)."""
     rows = []
     for (algo, env_id), runs in groups.items():
         if algo in (TREATMENT, RANDOM) or (TREATMENT, env_id) not in groups:
@@ -232,17 +375,24 @@ def comparison_rows(groups: dict[tuple[str, str], list[Run]], metric: str = PAPE
         x = np.array([r.metrics[metric] for r in groups[(TREATMENT, env_id)]])
         y = np.array([r.metrics[metric] for r in runs])
         welch, mwu = stats.welch_t(x, y), stats.mann_whitney_u(x, y)
-        diff = stats.bootstrap_mean_difference(x, y)
+        diff = stats.welch_mean_difference(x, y)
         nx, ny = stats.summarize(x).n, stats.summarize(y).n
+        if stats.enough(x, y):
+            note = ""
+        elif min(nx, ny) == 0:
+            note = f"no usable values ({TREATMENT} {nx}, {algo} {ny}): no test"
+        else:
+            note = stats.NO_TEST
         rows.append({"task": task_name(env_id), "env_id": env_id, "metric": metric, "algo": TREATMENT,
                      "baseline": algo, "n_algo": nx, "n_baseline": ny,
                      "mean_algo": np.nanmean(x) if nx else math.nan,
                      "mean_baseline": np.nanmean(y) if ny else math.nan,
                      "diff": diff.estimate, "diff_ci_low": diff.low, "diff_ci_high": diff.high,
+                     "diff_ci_method": "welch_t" if not note else "",
                      "welch_t": welch.statistic, "welch_p": welch.pvalue,
-                     "mwu_u": mwu.statistic, "mwu_p": mwu.pvalue, "hedges_g": stats.hedges_g(x, y),
-                     "mwu_min_p": stats.min_mwu_pvalue(nx, ny),
-                     "note": "" if stats.enough(x, y) else stats.NO_TEST})
+                     "mwu_u": mwu.statistic, "mwu_p": mwu.pvalue,
+                     "mwu_method": stats.mwu_method(x, y) if not note else "", "hedges_g": stats.hedges_g(x, y),
+                     "mwu_min_p": stats.min_mwu_pvalue(nx, ny), "note": note})
     for test in ("welch", "mwu"):  # one family per test: the table's comparisons together
         adjusted = stats.holm_bonferroni([r[f"{test}_p"] for r in rows])
         for r, p in zip(rows, adjusted):
@@ -250,61 +400,90 @@ def comparison_rows(groups: dict[tuple[str, str], list[Run]], metric: str = PAPE
     return rows
 
 
-def aggregate_rows(groups, normalisers: dict[str, tuple[float, float]], task_order: list[str]
-                   ) -> tuple[list[dict], dict]:
+def aggregate_rows(groups, normalisers: dict[str, tuple[float, float]], task_order: list[str],
+                   unnormalised: dict[str, str] | None = None) -> tuple[list[dict], dict]:
     """Across tasks: IQM and mean of normalised scores per algorithm (stratified bootstrap
     intervals), and QVPO's probability of improvement over each baseline. Returns the rows and
-    the normalised scores {(metric, algo): {task: array}} for the profiles."""
+    the normalised scores {(metric, algo): {task: array}} of the covered tasks (profiles).
+
+    Every row says which tasks it covers (`tasks`, `n_tasks`) and which of task_order it left out
+    and why (`left_out`: no runs of the algorithm, no normalisation for the task (the reason from
+    `unnormalised`), or no usable value: every run's metric missing or NaN). The IQM pools the
+    runs of the covered tasks (rliable: a task weighs as its number of runs); the mean is the
+    mean of per-task means (every covered task weighs the same)."""
     rows, scores = [], defaultdict(dict)
-    rank = {t: i for i, t in enumerate(task_order)}
+    unnormalised = unnormalised or {}
     algos = _order({a for a, _ in groups})
+    envs = defaultdict(dict)  # algo -> task -> env_id
+    for a, e in groups:
+        envs[a][task_name(e)] = e
     for metric in AGGREGATE_METRICS:
         for algo in algos:
             if algo == RANDOM:
                 continue
-            for (a, env_id), runs in groups.items():
-                task = task_name(env_id)
-                if a == algo and task in normalisers:
-                    rnd, ref = normalisers[task]
-                    scores[(metric, algo)][task] = stats.normalized_score([r.metrics[metric] for r in runs], rnd, ref)
-            per_task = scores.get((metric, algo), {})
-            if not per_task:
-                continue
-            tasks = sorted(per_task, key=rank.get)
-            samples = [per_task[t] for t in tasks]
-            n_runs = sum(stats.summarize(s).n for s in samples)
-            small = [t for t in tasks if not stats.enough(per_task[t])]
-            note = f"{stats.NO_TEST} on {', '.join(small)}: no interval" if small else ""
-            iqm = stats.iqm_stratified(samples)
-            rows.append({"statistic": "iqm", "metric": metric, "algo": algo, "versus": "",
-                         "value": iqm.estimate, "ci_low": iqm.low, "ci_high": iqm.high,
-                         "n_tasks": len(tasks), "n_runs": n_runs, "tasks": " ".join(tasks), "note": note})
-            mean = stats.mean_stratified(samples)
-            rows.append({"statistic": "mean", "metric": metric, "algo": algo, "versus": "",
-                         "value": mean.estimate, "ci_low": mean.low, "ci_high": mean.high,
-                         "n_tasks": len(tasks), "n_runs": n_runs, "tasks": " ".join(tasks), "note": note})
+            covered, left, partial = [], [], []
+            for task in task_order:
+                if task not in envs[algo]:
+                    left.append(f"{task}: no {algo} runs")
+                    continue
+                if task not in normalisers:
+                    left.append(f"{task}: {unnormalised.get(task, 'no normalisation')}")
+                    continue
+                runs = groups[(algo, envs[algo][task])]
+                rnd, ref = normalisers[task]
+                sc = np.asarray(stats.normalized_score([r.metrics[metric] for r in runs], rnd, ref), dtype=float)
+                usable = int(np.isfinite(sc).sum())
+                if usable == 0:
+                    left.append(f"{task}: no usable {metric} (all {len(runs)} run(s) missing or NaN)")
+                    continue
+                if usable < len(runs):
+                    partial.append(f"{task}: {usable} of {len(runs)} runs have a value")
+                covered.append(task)
+                scores[(metric, algo)][task] = sc[np.isfinite(sc)]
+            if not covered and not any(t in normalisers for t in envs[algo]):
+                continue  # nothing of this algorithm could be normalised: the section says why
+            samples = [scores[(metric, algo)][t] for t in covered]
+            n_runs = sum(len(x) for x in samples)
+            small = [t for t in covered if not stats.enough(scores[(metric, algo)][t])]
+            note = "; ".join(([f"{stats.NO_TEST} on {', '.join(small)}: no interval"] if small else []) + partial)
+            nan = stats.Interval(math.nan, math.nan, math.nan)
+            for name, value, weighting in (
+                    ("iqm", stats.iqm_stratified(samples) if samples else nan,
+                     "runs pooled (a task weighs as its number of runs)"),
+                    ("mean", stats.mean_stratified(samples) if samples else nan,
+                     "mean of per-task means (tasks weigh equally)")):
+                rows.append({"statistic": name, "metric": metric, "algo": algo, "versus": "",
+                             "value": value.estimate, "ci_low": value.low, "ci_high": value.high,
+                             "n_tasks": len(covered), "n_runs": n_runs, "tasks": " ".join(covered),
+                             "left_out": "; ".join(left), "note": note, "weighting": weighting})
     # P(QVPO > baseline) needs no normalisation (U / nm is per task and scale-free): every task
-    # both ran with at least 2 seeds
+    # both ran with at least 2 usable values
     for metric in AGGREGATE_METRICS:
         for algo in algos:
             if algo in (TREATMENT, RANDOM):
                 continue
-            common = sorted((task_name(e) for a, e in groups if a == algo and (TREATMENT, e) in groups),
-                            key=rank.get)
-            env = {task_name(e): e for a, e in groups if a == algo}
-            x = {t: np.array([r.metrics[metric] for r in groups[(TREATMENT, env[t])]]) for t in common}
-            y = {t: np.array([r.metrics[metric] for r in groups[(algo, env[t])]]) for t in common}
-            usable = [t for t in common if stats.enough(x[t], y[t])]
-            left = sorted(set(common) - set(usable))
+            common = [t for t in task_order if t in envs[algo] and t in envs[TREATMENT]]
             if not common:
                 continue
+            x = {t: np.array([r.metrics[metric] for r in groups[(TREATMENT, envs[TREATMENT][t])]]) for t in common}
+            y = {t: np.array([r.metrics[metric] for r in groups[(algo, envs[algo][t])]]) for t in common}
+            usable = [t for t in common if stats.enough(x[t], y[t])]
+            left = []
+            for t in task_order:
+                if t not in envs[TREATMENT] or t not in envs[algo]:
+                    who = " and ".join(a for a in (TREATMENT, algo) if t not in envs[a])
+                    left.append(f"{t}: no {who} runs")
+                elif t not in usable:
+                    nx, ny = stats.summarize(x[t]).n, stats.summarize(y[t]).n
+                    left.append(f"{t}: fewer than {stats.MIN_N} usable {metric} values ({TREATMENT} {nx}, {algo} {ny})")
             poi = stats.probability_of_improvement([x[t] for t in usable], [y[t] for t in usable]) \
                 if usable else stats.Interval(math.nan, math.nan, math.nan)
-            note = f"left out ({stats.NO_TEST}): {', '.join(left)}" if left else ""
             rows.append({"statistic": "prob_improvement", "metric": metric, "algo": TREATMENT, "versus": algo,
                          "value": poi.estimate, "ci_low": poi.low, "ci_high": poi.high,
-                         "n_tasks": len(usable), "n_runs": sum(len(x[t]) + len(y[t]) for t in usable),
-                         "tasks": " ".join(usable), "note": note})
+                         "n_tasks": len(usable), "n_runs": sum(stats.summarize(x[t]).n + stats.summarize(y[t]).n
+                                                               for t in usable),
+                         "tasks": " ".join(usable), "left_out": "; ".join(left), "note": "",
+                         "weighting": "mean of per-task values (tasks weigh equally)"})
     return rows, scores
 
 
@@ -450,35 +629,92 @@ the honest alternatives. All four are shown for every cell."""
 PHASES = ("sampling", "critic", "actor", "env", "eval")
 
 
+def learning_windows(steps, warmup_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The logging windows of a `perf/steps_per_s` history: (env steps in each window, whether
+    it counts as learning). Window i runs from the previous logged step (0 for the first) to
+    steps[i]: the trainer logs the rate over exactly that span. A window ending at or before the
+    warm-up is left out; one straddling the warm-up's end is kept whole (its logged rate cannot be
+    split; with log_every dividing warmup_steps, as in every shipped config, none straddles)."""
+    steps = np.asarray(steps, dtype=float)
+    lengths = np.diff(steps, prepend=0.0)
+    return lengths, (steps > warmup_steps) & (lengths > 0)
+
+
+def learning_time(steps, rates, warmup_steps: int, phase_ms: dict | None = None) -> dict[str, float]:
+    """Env steps and wall seconds of a run's learning phase, from its `perf/steps_per_s` history
+    (steps, rates): each window's seconds = its env steps / its rate (learning_windows says which
+    windows count). phase_ms {phase: (steps, ms_per_step)}: each phase's seconds over the same
+    windows, ms_per_step x the window's steps; a window without the phase's metric had none of it
+    (the trainer logs only the phases that ran); a phase the run never logged gets no entry.
+    Windows with a non-positive or NaN rate are left out.
+    Returns {"steps", "seconds", "windows", "<phase>_seconds"}."""
+    steps, rates = np.asarray(steps, dtype=float), np.asarray(rates, dtype=float)
+    lengths, keep = learning_windows(steps, warmup_steps)
+    keep &= np.isfinite(rates) & (rates > 0)
+    out = {"steps": float(lengths[keep].sum()), "windows": int(keep.sum()),
+           "seconds": float((lengths[keep] / rates[keep]).sum())}
+    for phase, (ps, pv) in (phase_ms or {}).items():
+        if not len(ps):
+            continue
+        at = dict(zip(np.asarray(ps, dtype=float), np.asarray(pv, dtype=float)))
+        ms = np.array([at.get(s, 0.0) for s in steps])
+        ms = np.where(np.isfinite(ms), ms, 0.0)
+        out[f"{phase}_seconds"] = float((ms[keep] * lengths[keep]).sum() / 1e3)
+    return out
+
+
 def compute_rows(client, groups: dict[tuple[str, str], list[Run]]) -> list[dict]:
-    """Per (algorithm, task): wall time per env step by phase, from the `time/<phase>_ms_per_step`
-    metrics every run logs (each run's mean over its logging windows, then the mean over runs),
-    and env steps per second. The phases are the trainer's: sampling (acting and the policy's
-    candidate draws), critic, actor (policy update), env (stepping and resets), eval."""
+    """Per (algorithm, task): env steps per second and wall time per env step by phase over the
+    learning phase, time-weighted: total env steps after the warm-up / total wall time after the
+    warm-up, summed over the cell's runs (learning_time on each run's `perf/steps_per_s` and
+    `time/<phase>_ms_per_step` histories; the warm-up of a run is Run.warmup_steps). A plain mean
+    of the window rates would weigh a fast random warm-up window like a slow learning one.
+    The phases are the trainer's: sampling (acting and the policy's candidate draws), critic,
+    actor (policy update), env (stepping and resets), eval; wall_ms_per_step = 1000 / steps_per_s
+    is all of it (the phases plus what no phase times)."""
     rows = []
     for (algo, env_id), runs in groups.items():
-        row = {"algo": algo, "env_id": env_id, "n": len(runs)}
-        for phase in PHASES:
-            per_run = [v.mean() for v in (_history(client, r.run_id, f"time/{phase}_ms_per_step")[1] for r in runs)
-                       if len(v)]
-            row[f"{phase}_ms_per_step"] = float(np.mean(per_run)) if per_run else math.nan
-        rates = [v.mean() for v in (_history(client, r.run_id, "perf/steps_per_s")[1] for r in runs) if len(v)]
-        row["steps_per_s"] = float(np.mean(rates)) if rates else math.nan
-        row["total_ms_per_step"] = float(np.nansum([row[f"{p}_ms_per_step"] for p in PHASES]))
+        per_run = []
+        for r in runs:
+            steps, rates = _history(client, r.run_id, "perf/steps_per_s")
+            if not len(steps):
+                continue
+            phases = {p: _history(client, r.run_id, f"time/{p}_ms_per_step") for p in PHASES}
+            per_run.append(learning_time(steps, rates, r.warmup_steps, phases))
+        total_steps = sum(t["steps"] for t in per_run)
+        total_s = sum(t["seconds"] for t in per_run)
+        row = {"algo": algo, "env_id": env_id, "n": len(runs), "n_timed": len(per_run),
+               "warmup_steps": " ".join(sorted({str(r.warmup_steps) for r in runs})),
+               "learning_steps": total_steps, "learning_seconds": total_s}
+        for phase in PHASES:  # a run that never logged a phase had none of it; no run: unknown
+            logged = [t for t in per_run if f"{phase}_seconds" in t]
+            row[f"{phase}_ms_per_step"] = (1e3 * sum(t[f"{phase}_seconds"] for t in logged) / total_steps
+                                           if total_steps and logged else math.nan)
+        phase_ms = [row[f"{p}_ms_per_step"] for p in PHASES if not math.isnan(row[f"{p}_ms_per_step"])]
+        row["total_ms_per_step"] = float(sum(phase_ms)) if phase_ms else math.nan
+        row["steps_per_s"] = total_steps / total_s if total_s else math.nan
+        row["wall_ms_per_step"] = 1e3 * total_s / total_steps if total_steps else math.nan
         rows.append(row)
     return rows
 
 
 def compute_markdown(rows: list[dict]) -> str:
-    L = ["", "## Compute: wall time per env step by phase", "",
-         "From the runs' own `time/<phase>_ms_per_step` metrics (mean over logging windows, then over "
-         "runs; on whatever machine each run ran: see the runs' `host` and `device` tags).", "",
-         "| algorithm | task | n | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms | env steps/s |",
-         "|---|---|---|" + "---|" * (len(PHASES) + 2)]
+    L = ["", "## Compute: wall time per env step by phase, learning phase only", "",
+         "From the runs' own `perf/steps_per_s` and `time/<phase>_ms_per_step` metrics (on whatever machine "
+         "each run ran: see the runs' `host` and `device` tags). Time-weighted over the learning phase: each "
+         "logging window's wall time is its env steps / its logged rate; env steps/s = all env steps after "
+         "the warm-up / all wall time after the warm-up, summed over the cell's runs, and a phase's ms per "
+         "step = its total time over the same windows / their env steps. Windows ending at or before a run's "
+         f"warm-up (tag `{WARMUP_TAG}`, else param `Trainer.warmup_steps`) are left out; a window straddling "
+         "its end is kept whole. Wall ms = 1000 / (env steps/s): the phases plus untimed work.", "",
+         "| algorithm | task | n | warm-up | " + " | ".join(f"{p} ms" for p in PHASES) +
+         " | total ms (phases) | wall ms | env steps/s |",
+         "|---|---|---|---|" + "---|" * (len(PHASES) + 3)]
     for r in rows:
         cells = " | ".join(_f(r[f"{p}_ms_per_step"], 3) for p in PHASES)
-        L.append(f"| {r['algo']} | {task_name(r['env_id'])} | {r['n']} | {cells} | "
-                 f"{_f(r['total_ms_per_step'], 3)} | {_f(r['steps_per_s'], 1)} |")
+        n = str(r["n"]) if r["n_timed"] == r["n"] else f"{r['n']} ({r['n_timed']} timed)"
+        L.append(f"| {r['algo']} | {task_name(r['env_id'])} | {n} | {r['warmup_steps']} | {cells} | "
+                 f"{_f(r['total_ms_per_step'], 3)} | {_f(r['wall_ms_per_step'], 3)} | {_f(r['steps_per_s'], 1)} |")
     return "\n".join(L) + "\n"
 
 
@@ -615,16 +851,36 @@ def gradvar_report(client, runs: list[Run], report_dir: Path) -> list[str]:
     return ["gradvar_runs.csv", "gradvar.csv", "gradvar.png"]
 
 
+def _interval(est: float, low: float, high: float, digits: int = 1, why: str = "no spread") -> str:
+    """'est [low, high]'; a zero-width interval is a point, said so, not a confidence interval."""
+    if math.isnan(low) or math.isnan(high):
+        return f"{_f(est, digits)} [no interval]"
+    text = f"{_f(est, digits)} [{_f(low, digits)}, {_f(high, digits)}]"
+    return text + f" (zero width: {why})" if low == high else text
+
+
+SAME_RESAMPLES = "every resample gave this value"  # a bootstrap interval of zero width
+
+
+def _coverage(stat: str) -> str:
+    c = stats.STRATIFIED_COVERAGE
+    return f"{c[(stat, 3)]:.0%} at 3 runs per task and {c[(stat, 5)]:.0%} at 5"
+
+
 def write_markdown(path: Path, experiment: str, uri: str, runs: list[Run], notes: list[str], cells, comps,
-                   agg, normalisers, aggregate_reason: str, paper, figures: list[str]) -> None:
+                   agg, normalisers, aggregate_reason: str, paper, figures: list[str],
+                   dropped: list[dict] | None = None) -> None:
     tasks = _task_order({c["task"] for c in cells}, paper)
     algos = _order({c["algo"] for c in cells})
     by = {(c["algo"], c["task"]): c for c in cells}
     listed = {k for k in paper}
+    dropped = dropped or []
     L = [f"# {experiment}: the paper's Table 1 from MLflow runs", "",
          f"{len(runs)} FINISHED training runs of experiment `{experiment}` ({uri}), "
-         f"{time.strftime('%Y-%m-%d %H:%M')}. Cells are mean (sd over seeds); n = seeds. "
-         f"Tasks are Gymnasium -v5 (the paper ran Gym -v3 on mujoco-py).", "",
+         f"{time.strftime('%Y-%m-%d %H:%M')}, of results version {identity.RESULTS_VERSION}; "
+         f"{len(dropped)} other run(s) left out (listed at the end and in dropped.csv: another results version, "
+         "another configuration of the same cell, or a superseded duplicate). Cells are mean (sd over seeds); "
+         "n = seeds. Tasks are Gymnasium -v5 (the paper ran Gym -v3 on mujoco-py).", "",
          "## Which return the paper reports", "", METRIC_ARGUMENT, ""]
 
     def paper_cell(algo, task):
@@ -633,22 +889,35 @@ def write_markdown(path: Path, experiment: str, uri: str, runs: list[Run], notes
         m, s = paper[(task, algo)]
         return "N/A" if math.isnan(m) else f"{_f(m)} ({_f(s)})"
 
+    def ours(c):
+        if not c:
+            return "—"
+        k = c[f"{PAPER_METRIC}_n"]
+        if k == 0:
+            return f"no usable value ({c['n']} run(s))"
+        return f"{_ms(c, PAPER_METRIC)} n={k}" + (f" of {c['n']} runs" if k < c["n"] else "")
+
     L += ["## Table 1: best evaluation return, ours / paper", "",
           "| algorithm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for algo in algos:
-        cols = []
-        for t in tasks:
-            c = by.get((algo, t))
-            ours = f"{_ms(c, PAPER_METRIC)} n={c['n']}" if c else "—"
-            cols.append(f"{ours} / {paper_cell(algo, t)}")
-        L.append(f"| {algo} | " + " | ".join(cols) + " |")
+        L.append(f"| {algo} | " + " | ".join(f"{ours(by.get((algo, t)))} / {paper_cell(algo, t)}" for t in tasks)
+                 + " |")
     L += ["", "Paper: mean (sd) over 5 seeds at 1M steps; N/A = the paper's \"does not work\"; "
-          "— = no value.", ""]
+          "— = no runs (ours) or no entry (paper); \"no usable value\" = runs exist but none has a finite "
+          f"`{EVAL_KEY}` (never evaluated, or NaN): that cell is in no test and no aggregate.", ""]
+    empty = [c for c in cells if c[f"{PAPER_METRIC}_n"] == 0]
+    if empty:
+        dead = [t for t in tasks if all(by[(a, t)][f"{PAPER_METRIC}_n"] == 0 for a in algos
+                                        if (a, t) in by and a != RANDOM)]
+        L += [f"**No usable numbers** ({METRICS[PAPER_METRIC]}):", ""] + \
+             [f"- {c['algo']} on {c['task']} ({c['env_id']}): {c['note']}" for c in empty] + \
+             ([f"- tasks where no algorithm (the random policy aside) has a usable value: {', '.join(dead)}"]
+              if dead else []) + [""]
 
     L += ["## Per task: every candidate metric and sample efficiency", "",
           "Evaluation at 100k/200k/300k = the last evaluation at or before that step (— when the run "
           "is shorter). AUC = trapezoid area under the evaluation curve divided by its span, cut at "
-          "the shortest run of the task; normalised like the scores below.", ""]
+          "the shortest run of the task; normalised like the scores below. — = no run with a value.", ""]
     cols = ["best_eval", "final_eval", "train_end", "train_max_smoothed",
             *[f"eval_at_{s // 1000}k" for s in EFFICIENCY_STEPS], "eval_auc", "eval_auc_norm"]
     heads = ["best eval", "paper", "final eval", "train end", "train max (smoothed)",
@@ -665,7 +934,10 @@ def write_markdown(path: Path, experiment: str, uri: str, runs: list[Run], notes
                     (_f(c[f"{m}_mean"], 2) + (f" ({_f(c[f'{m}_std'], 2)})" if c[f"{m}_n"] >= 2 else ""))
                     for m in cols]
             vals.insert(1, paper_cell(algo, t))
-            n = f"{c['n']} ({stats.NO_TEST})" if c["n"] < stats.MIN_N else str(c["n"])
+            k = c[f"{PAPER_METRIC}_n"]
+            n = str(c["n"]) if k == c["n"] else f"{c['n']} ({k} with an evaluation)"
+            if 0 < k < stats.MIN_N:
+                n += f" ({stats.NO_TEST})"
             L.append(f"| {algo} | {n} | " + " | ".join(vals) + " |")
         L.append("")
 
@@ -676,67 +948,97 @@ def write_markdown(path: Path, experiment: str, uri: str, runs: list[Run], notes
         m = sum(1 for c in comps if not math.isnan(c["welch_p"]))
         L += [f"Welch's t-test and the Mann-Whitney U test, two-sided; Holm-adjusted p over all {m} "
               "comparisons of the table (one family per test); Hedges' g (bias-corrected pooled-sd "
-              "effect size); difference of means with a bootstrap 95% CI (percentile, 10,000 "
-              "resamples, seeded).", "",
+              "effect size). Mann-Whitney p is exact up to 8 seeds a side (C(n+m, n) <= "
+              f"{stats.MWU_EXACT_MAX:,} splits): scipy's exact null distribution without ties, the exhaustive "
+              "permutation distribution (all splits of the pooled runs) with ties; beyond, the tie-corrected "
+              "normal approximation (column mwu_method of comparisons.csv). Difference of means with its "
+              f"{stats.WELCH_COVERAGE_NOTE}; the percentile bootstrap this table used before covers only "
+              "about 77% (3 vs 3) to 84% (5 vs 5) in the same simulation, so it is not used. An interval of "
+              "zero width (both samples constant) is a point, not a CI; with no spread at all there is no "
+              "t distribution either, so no Welch p.", "",
               f"| task | baseline | n ({TREATMENT}, baseline) | difference [95% CI] | Welch t | p | Holm p "
               "| MWU U | p | Holm p | Hedges g |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in comps:
             n = f"{c['n_algo']}, {c['n_baseline']}"
             if c["note"]:
-                L.append(f"| {c['task']} | {c['baseline']} | {n} | {stats.NO_TEST} |" + " |" * 7)
+                L.append(f"| {c['task']} | {c['baseline']} | {n} | {c['note']} |" + " |" * 7)
                 continue
-            L.append(f"| {c['task']} | {c['baseline']} | {n} | {_f(c['diff'])} [{_f(c['diff_ci_low'])}, "
-                     f"{_f(c['diff_ci_high'])}] | {_f(c['welch_t'], 2)} | {_p(c['welch_p'])} | "
-                     f"{_p(c['welch_p_holm'])} | {_f(c['mwu_u'], 1)} | {_p(c['mwu_p'])} | "
+            L.append(f"| {c['task']} | {c['baseline']} | {n} | "
+                     f"{_interval(c['diff'], c['diff_ci_low'], c['diff_ci_high'])} | {_f(c['welch_t'], 2)} | "
+                     f"{_p(c['welch_p'])} | {_p(c['welch_p_holm'])} | {_f(c['mwu_u'], 1)} | {_p(c['mwu_p'])} | "
                      f"{_p(c['mwu_p_holm'])} | {_f(c['hedges_g'], 2)} |")
-        floor = [c["mwu_min_p"] for c in comps if not c["note"]]
+        floor = [c["mwu_min_p"] for c in comps if not c["note"] and c["mwu_method"] in ("exact", "permutation")]
         if m and floor and min(floor) > 0.05 / m:
             L += ["", f"Note: with these seed counts the exact Mann-Whitney test cannot give p below "
-                  f"{min(floor):.2g}, while Holm's first threshold is 0.05 / {m} = {0.05 / m:.2g}: no "
-                  "Mann-Whitney comparison can be significant after correction, whatever the data. "
-                  "Read the effect sizes and intervals instead."]
+                  f"{min(floor):.2g} (2 / C(n+m, n); ties only raise it), while Holm's first threshold is "
+                  f"0.05 / {m} = {0.05 / m:.2g}: no Mann-Whitney comparison can be significant after "
+                  "correction, whatever the data. Read the effect sizes and intervals instead."]
         L.append("")
 
-    L += ["## Across tasks (normalised scores, Agarwal et al. 2021)", ""]
+    L += ["## Across tasks (normalised scores, Agarwal et al. 2021, arXiv:2108.13264)", ""]
     if aggregate_reason:
         L += [f"Normalised scores skipped: {aggregate_reason}", ""]
     if normalisers:
-        L += ["Normalised score = (return - random) / (reference - random): 0 = the mean return of the "
-              f"`{RANDOM}` runs (uniformly random policy) of that task, 1 = the paper's best entry "
-              "for that task in the paper table (Hopper-v5 is compared with the paper's Hopper, etc.). "
-              "IQM = mean of the middle 50% of all runs of all tasks; 95% CIs by stratified bootstrap "
-              "(seeds resampled within each task).", "",
-              "| task | random | reference (paper's best) |", "|---|---|---|"]
+        L += ["Normalised score = (return - random) / (reference - random). 0 = the uniformly random policy's "
+              f"mean return on the task, measured by this sweep's `{RANDOM}` runs (the mean over those runs of "
+              "each run's mean evaluation return). 1 = the paper's best reported return on -v3: the maximum "
+              "over algorithms of the paper's Table 1 mean for that task; the paper ran MuJoCo -v3 tasks, we "
+              "run -v5 (Hopper-v5 is set against the paper's Hopper, etc.), so 1 is a -v3 figure, not a return "
+              "anyone measured on the task we run.", "",
+              "**IQM** = mean of the middle 50% of all runs of the covered tasks pooled (25% cut at each end), "
+              "as rliable computes it: pooled, so a task weighs in proportion to its number of runs. "
+              "**Mean** = the mean over the covered tasks of each task's mean score: every task weighs the "
+              "same, whatever its number of runs. Intervals: stratified percentile bootstrap (runs resampled "
+              f"within each task, {stats.N_RESAMPLES:,} resamples, seeded), as rliable. They are rough ranges, "
+              "not 95% intervals: with 3-5 runs per task their coverage is below the nominal 95% (measured in "
+              f"a simulation of 3 tasks with normal scores, tests/test_stats.py: mean {_coverage('mean')}; "
+              f"IQM {_coverage('iqm')}).", "",
+              "| task | random | reference (paper's best, -v3) |", "|---|---|---|"]
         for t in tasks:
             if t in normalisers:
                 L.append(f"| {t} | {_f(normalisers[t][0])} | {_f(normalisers[t][1])} |")
-        L += ["", "| algorithm | metric | IQM [95% CI] | mean [95% CI] | tasks | runs | note |",
-              "|---|---|---|---|---|---|---|"]
+        L += ["", "| algorithm | metric | IQM [95% nominal] | mean [95% nominal] | tasks covered | runs | "
+              "left out (why) | note |", "|---|---|---|---|---|---|---|---|"]
         for r in [r for r in agg if r["statistic"] == "iqm"]:
             mean = next(x for x in agg if x["statistic"] == "mean" and x["algo"] == r["algo"]
                         and x["metric"] == r["metric"])
-            L.append(f"| {r['algo']} | {r['metric']} | {_f(r['value'], 3)} [{_f(r['ci_low'], 3)}, "
-                     f"{_f(r['ci_high'], 3)}] | {_f(mean['value'], 3)} [{_f(mean['ci_low'], 3)}, "
-                     f"{_f(mean['ci_high'], 3)}] | {r['tasks']} | {r['n_runs']} | {r['note']} |")
+            iqm_ci = _interval(r["value"], r["ci_low"], r["ci_high"], 3, SAME_RESAMPLES)
+            mean_ci = _interval(mean["value"], mean["ci_low"], mean["ci_high"], 3, SAME_RESAMPLES)
+            L.append(f"| {r['algo']} | {r['metric']} | {iqm_ci} | {mean_ci} | {r['tasks'] or 'none'} | "
+                     f"{r['n_runs']} | {r['left_out'] or 'none'} | {r['note']} |")
         sets = {r["tasks"] for r in agg if r["statistic"] == "iqm"}
         if len(sets) > 1:
-            L += ["", "Not every algorithm covers the same tasks: compare IQMs with that in mind."]
+            L += ["", "Not every algorithm covers the same tasks: compare the aggregates with that in mind."]
         L.append("")
     poi = [r for r in agg if r["statistic"] == "prob_improvement"]
     if poi:
         L += [f"Probability of improvement P({TREATMENT} > baseline): per task the Mann-Whitney U / (n m), "
-              "averaged over the tasks both ran with >= 2 seeds (needs no normalisation); "
-              "0.5 = no difference; stratified-bootstrap 95% CI.", "",
-              "| baseline | metric | P(QVPO > baseline) [95% CI] | tasks | note |", "|---|---|---|---|---|"]
+              "averaged over the tasks both ran with >= 2 usable values, every task weighing the same (needs no "
+              "normalisation); 0.5 = no difference; stratified percentile bootstrap interval, 95% nominal, "
+              "below nominal at 3-5 runs per task like the intervals above.", "",
+              f"| baseline | metric | P({TREATMENT} > baseline) [95% nominal] | tasks covered | left out (why) |",
+              "|---|---|---|---|---|"]
         for r in poi:
             v = stats.NO_TEST if math.isnan(r["value"]) else \
-                f"{_f(r['value'], 3)} [{_f(r['ci_low'], 3)}, {_f(r['ci_high'], 3)}]"
-            L.append(f"| {r['versus']} | {r['metric']} | {v} | {r['tasks']} | {r['note']} |")
+                _interval(r["value"], r["ci_low"], r["ci_high"], 3, SAME_RESAMPLES)
+            L.append(f"| {r['versus']} | {r['metric']} | {v} | {r['tasks'] or 'none'} | {r['left_out'] or 'none'} |")
         L.append("")
 
     L += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    if notes:
-        L += ["## Runs left out", ""] + [f"- {n}" for n in notes] + [""]
+    if dropped or notes:
+        L += ["## Runs left out", ""]
+        if dropped:
+            L += [f"Every FINISHED run not pooled above (also in dropped.csv). Runs are pooled in a cell "
+                  f"(label, task) only when of the current results version ({identity.RESULTS_VERSION}) and the "
+                  "same configuration up to the seed (tag "
+                  f"`{CELL_IDENTITY_TAG}`; runs without it count as version {OLD_VERSION}, identity "
+                  f"\"{UNKNOWN_IDENTITY}\"); of several configurations the one with the most seeds is kept (tie: the "
+                  "newest).", "",
+                  "| run id | label | env | seed | reason |", "|---|---|---|---|---|"]
+            L += [f"| {d['run_id']} | {d['label'] or '—'} | {d['env_id'] or '—'} | {d['seed'] or '—'} | "
+                  f"{d['reason']} |" for d in dropped]
+            L.append("")
+        L += [f"- {n}" for n in notes] + ([""] if notes else [])
     mixed = [c for c in cells if len(c["config_hashes"].split()) > 1]
     if mixed:
         L += ["## Warning: cells mixing configurations", ""] + \
@@ -779,8 +1081,10 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     """Build the report of one experiment into out_dir/<experiment>/ and return that directory.
 
     Reads the experiment's FINISHED training runs (report runs are skipped), groups them by the
-    `algo` and `env_id` tags, and writes table.md, runs.csv, cells.csv, comparisons.csv,
-    aggregate.csv, run_ids.txt and the figures. paper_csv (env,algo,mean,std, the paper's Table 1)
+    `algo` (or `variant`) and `env_id` tags, pools in each cell only runs of the current results
+    version and one configuration (select_runs), and writes table.md, runs.csv, cells.csv,
+    comparisons.csv, aggregate.csv, dropped.csv (every run left out, and why), compute.csv,
+    run_ids.txt and the figures. paper_csv (env,algo,mean,std, the paper's Table 1)
     gives the paper's column and the normalisation's 1; without it, or without `Random` runs of a
     task, the normalised aggregates skip that task and say why. log_to_mlflow: also log the report
     as a run named `report` (tag qvpo.report = 1) with the files as artifacts. Runs that logged
@@ -794,9 +1098,11 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no MLflow experiment {experiment!r} at {tracking_uri!r}")
-    runs, notes = load_runs(client, exp.experiment_id)
+    runs, dropped, notes = _load(client, exp.experiment_id)
     if not runs:
-        raise ConfigError(f"experiment {experiment!r} has no FINISHED training runs tagged algo and env_id")
+        why = f" ({len(dropped)} left out: {'; '.join(sorted({d['reason'] for d in dropped}))})" if dropped else ""
+        raise ConfigError(f"experiment {experiment!r} has no usable FINISHED training runs tagged algo and "
+                          f"env_id{why}")
     paper = read_paper(paper_csv)
 
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -816,9 +1122,19 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
         reasons.append("no paper table given (--paper), so there is no reference score (the 1)")
     if not random_scores:
         reasons.append(f"no `{RANDOM}` runs in the experiment, so there is no random score (the 0)")
-    missing = sorted(tasks - set(normalisers))
+    unnormalised = {}  # task -> why it has no normalised scores
+    for t in sorted(tasks - set(normalisers)):
+        why = []
+        if t not in reference:
+            why.append("no paper entry (no 1)" if paper_csv is not None else "no paper table (no 1)")
+        if t not in random_scores:
+            why.append(f"no `{RANDOM}` runs (no 0)")
+        elif math.isnan(random_scores[t]):
+            why.append(f"its `{RANDOM}` runs have no usable return (no 0)")
+        unnormalised[t] = "not normalised: " + ", ".join(why)
+    missing = sorted(unnormalised)
     if missing and paper_csv is not None and random_scores:
-        reasons.append(f"no {RANDOM} runs or paper entry for {', '.join(missing)}")
+        reasons.append("; ".join(f"{t} {unnormalised[t]}" for t in missing))
     aggregate_reason = "; ".join(reasons)
 
     for t in tasks:  # every run of a task is cut at the same step for its area
@@ -840,17 +1156,20 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
 
     cells = cell_rows(groups, paper)
     comps = comparison_rows(groups)
-    agg, scores = aggregate_rows(groups, normalisers, task_order)
+    agg, scores = aggregate_rows(groups, normalisers, task_order, unnormalised)
 
     _write_csv(report_dir / "runs.csv",
                [{"run_id": r.run_id, "algo": r.algo, "env_id": r.env_id, "seed": r.seed,
+                 "results_version": r.results_version, "cell_identity": r.cell_identity,
+                 "run_identity": r.run_identity, "warmup_steps": r.warmup_steps,
                  "config_hash": r.config_hash, **r.metrics} for r in runs])
+    _write_csv(report_dir / "dropped.csv", dropped, DROPPED_COLUMNS)
     _write_csv(report_dir / "cells.csv", cells)
     _write_csv(report_dir / "comparisons.csv", comps, None if comps else
                ["task", "env_id", "metric", "algo", "baseline", "note"])
     _write_csv(report_dir / "aggregate.csv", agg, None if agg else
                ["statistic", "metric", "algo", "versus", "value", "ci_low", "ci_high", "n_tasks", "n_runs",
-                "tasks", "note"])
+                "tasks", "left_out", "note", "weighting"])
     (report_dir / "run_ids.txt").write_text("\n".join(r.run_id for r in runs) + "\n")
 
     figures = []
@@ -863,7 +1182,7 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
         plot_profiles(scores, report_dir / "performance_profile.png")
         figures += ["aggregate_iqm.png", "performance_profile.png"]
     write_markdown(report_dir / "table.md", experiment, tracking_uri, runs, notes, cells, comps, agg,
-                   normalisers, aggregate_reason, paper, figures)
+                   normalisers, aggregate_reason, paper, figures, dropped)
     compute = compute_rows(client, groups)
     _write_csv(report_dir / "compute.csv", compute)
     with open(report_dir / "table.md", "a") as f:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,38 +212,87 @@ def estimate_hours(todo: list[RunSpec], workers: int, table: dict) -> float | No
 
 def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, workers: int,
               log=print) -> list[tuple[RunSpec, int]]:
-    """Run the planned items, `workers` processes at a time; returns (run, exit status)."""
+    """Run the planned items, `workers` processes at a time (a thread pool, each thread waiting on
+    one child); returns (run, exit status) in the order they end."""
     todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
-    total, t0 = len(todo), time.time()
-    running: list[tuple[RunSpec, subprocess.Popen]] = []
-    results = []
-    queue = list(todo)
-    while queue or running:
-        while queue and len(running) < workers:
-            r, action, rid = queue.pop(0)
-            args = _command(sweep, r, action, rid, tracking_uri, checkpoint_dir)
-            if action == "resume":
-                log(f"resume {r.label} (run {rid})")
-            else:
-                log(f"start  {r.label}" + (f" (run {rid} had no checkpoint: restarting)" if rid else ""))
-            proc = subprocess.Popen([sys.executable, "-m", "qvpo", *args], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-            running.append((r, proc))
-        time.sleep(0.2)
-        for r, proc in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((r, proc))
-            err = proc.stderr.read() if proc.stderr else ""
-            results.append((r, proc.returncode))
-            _log_progress(log, r, proc.returncode, err.strip()[-300:], len(results), total, t0)
+    results, t0 = [], time.time()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {}
+        for r, action, rid in todo:
+            _log_start(log, r, action, rid)
+            futures[pool.submit(run_child, _command(sweep, r, action, rid, tracking_uri, checkpoint_dir),
+                                log_path(checkpoint_dir, sweep, r), tracking_uri, r.identity)] = r
+        for future in as_completed(futures):
+            r = futures[future]
+            rc, last = future.result()
+            results.append((r, rc))
+            _log_progress(log, r, rc, last, log_path(checkpoint_dir, sweep, r), len(results), len(todo), t0)
     return results
 
 
-def _log_progress(log, r: RunSpec, rc: int, err: str, done: int, total: int, t0: float) -> None:
+def log_path(checkpoint_dir: str, sweep: Sweep, r: RunSpec) -> Path:
+    """Where a run's output goes: one file per run identity, appended to by each resume."""
+    return Path(checkpoint_dir).resolve() / "logs" / sweep.experiment / f"{r.identity or r.label.replace(' ', '_')}.log"
+
+
+def child_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "qvpo", *args]
+
+
+def run_child(args: list[str], log_file: Path, tracking_uri: str, run_identity: str | None) -> tuple[int, str]:
+    """Run `qvpo train ARGS` with its stdout and stderr written to log_file (never to a pipe, which
+    a chatty child would fill and block on), then attach the whole log to the run as the
+    artifact logs/<run identity>.log. Returns the exit status and the log's last line."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        out.write(f"$ qvpo {' '.join(args)}\n".encode())
+        out.flush()
+        rc = subprocess.run(child_command(args), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL).returncode
+    if run_identity:
+        attach_log(tracking_uri, run_identity, log_file)
+    return rc, _last_line(log_file)
+
+
+def attach_log(tracking_uri: str, run_identity: str, log_file: Path) -> None:
+    """Log the file under artifacts logs/ of the newest run with that identity (a child that
+    failed before creating its run has none: the file stays where it is)."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        found = _find_run(client, run_identity)
+        if found is not None:
+            client.log_artifact(found, str(log_file), "logs")
+    except Exception as e:  # noqa: BLE001 - the log stays on disk; say so, never stop the sweep
+        print(f"qvpo: warning: could not attach {log_file} to its run: {one_line(e)}", file=sys.stderr)
+
+
+def _find_run(client, run_identity: str) -> str | None:
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.`{identity.IDENTITY_TAG}` = '{run_identity}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _last_line(path: Path, window: int = 4096) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - window))
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _log_start(log, r: RunSpec, action: str, rid: str | None) -> None:
+    if action == "resume":
+        log(f"resume {r.label} (run {rid})")
+    else:
+        log(f"start  {r.label}" + (f" (run {rid} had no checkpoint: restarting)" if rid else ""))
+
+
+def _log_progress(log, r: RunSpec, rc: int, last: str, log_file: Path, done: int, total: int, t0: float) -> None:
     """One line per finished run: runs done / total, its status, elapsed time and ETA."""
     elapsed = time.time() - t0
-    status = "done" if rc == 0 else f"FAILED (exit {rc}): {err}"
+    status = "done" if rc == 0 else f"FAILED (exit {rc}): {last[:300]} (whole log: {log_file})"
     log(f"[{done}/{total}] {r.label}: {status}; elapsed {elapsed / 60:.1f} min, "
         f"ETA {elapsed / done * (total - done) / 60:.1f} min")
 
@@ -257,7 +307,8 @@ def _command(sweep: Sweep, r: RunSpec, action: str, rid: str | None, tracking_ur
 def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address: str | None,
             cpus_per_run: float, gpus_per_run: float, log=print) -> list[tuple[RunSpec, int]]:
     """Each run is a Ray task (`cpus_per_run` CPUs, `gpus_per_run` GPUs) that runs `qvpo train` on
-    whichever node Ray picks. Every node needs qvpo installed at the same path, the tracking URI
+    whichever node Ray picks, its output in a log file (under --checkpoint-dir on that node)
+    attached to its MLflow run. Every node needs qvpo installed at the same path, the tracking URI
     must be reachable from all of them (an `mlflow server`), and --checkpoint-dir should be
     shared storage if interrupted runs are to be resumed on another node."""
     try:
@@ -273,27 +324,23 @@ def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address
     except Exception as e:  # noqa: BLE001 - no cluster at that address, ...
         raise ConfigError(f"cannot connect to Ray at {address!r}: {one_line(e)}") from None
 
-    @ray.remote
-    def train_task(args: list[str]) -> tuple[int, str]:
-        proc = subprocess.run([sys.executable, "-m", "qvpo", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        return proc.returncode, proc.stderr[-300:]
-
+    train_task = ray.remote(run_child)
     todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
     pending = {}
     for r, action, rid in todo:
-        log(f"{'resume' if action == 'resume' else 'submit'} {r.label}")
+        _log_start(log, r, action, rid)
         ref = train_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run).remote(
-            _command(sweep, r, action, rid, tracking_uri, checkpoint_dir))
+            _command(sweep, r, action, rid, tracking_uri, checkpoint_dir), log_path(checkpoint_dir, sweep, r),
+            tracking_uri, r.identity)
         pending[ref] = r
     results, t0 = [], time.time()
     try:
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             r = pending.pop(ref)
-            rc, err = ray.get(ref)
+            rc, last = ray.get(ref)
             results.append((r, rc))
-            _log_progress(log, r, rc, err.strip(), len(results), len(todo), t0)
+            _log_progress(log, r, rc, last, log_path(checkpoint_dir, sweep, r), len(results), len(todo), t0)
     finally:
         ray.shutdown()
     return results
@@ -303,7 +350,7 @@ def load_spec(path: str, bindings: list[str]) -> Sweep:
     """Parse a sweep spec (gin file) and build its Sweep."""
     from qvpo import config
 
-    config.parse([path], bindings)
+    config.parse([str(config.find_spec(path))], bindings)
     try:
         return Sweep()
     except (TypeError, ValueError) as e:

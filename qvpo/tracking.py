@@ -52,6 +52,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def installed_packages() -> str:
+    """Every installed distribution as `name==version` lines, sorted (what `pip freeze` shows,
+    without pip): logged with each run as environment/packages.txt."""
+    seen = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            seen.setdefault(name.lower(), f"{name}=={dist.version}")
+    return "\n".join(seen[k] for k in sorted(seen)) + "\n"
+
+
 def flat_params() -> dict[str, str]:
     """The operative gin config as `scope/Configurable.param -> value` strings.
 
@@ -67,6 +78,24 @@ def flat_params() -> dict[str, str]:
         for param, value in values.items():
             params[f"{prefix}.{param}"] = gin_config._format_value(value)[:6000]
     return params
+
+
+# MLflow 3's UI opens experiments in its GenAI view (Evaluations, Traces) unless the URL asks for
+# the model-training one (Runs, charts, artifacts); the experiment tag is what MLflow reads where
+# it decides by experiment kind (the URL parameter alone switched it in MLflow 3.17)
+ML_VIEW = "workflowType=machine_learning"
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ui_links(base: str, experiment_id: str, run_id: str | None = None) -> dict[str, str]:
+    """Links into the MLflow UI's model-training view: the runs table, every metric as charts,
+    and (with run_id) one run's page."""
+    root = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
+    links = {"runs table": f"{root}/runs?{ML_VIEW}",
+             "metrics as charts": f"{root}/runs?{ML_VIEW}&compareRunsMode=CHART"}
+    if run_id:
+        links["this run"] = f"{root}/runs/{run_id}?{ML_VIEW}"
+    return links
 
 
 def search_all(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None):
@@ -135,6 +164,7 @@ class MlflowTracker:
             first = one_line(e)
             raise ConfigError(f"cannot use MLflow tracking URI {self.uri!r}: {first}") from None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._pending: list = []
         self._last_flush = time.monotonic()
         # hold=True: metrics are sent only by explicit flush() calls (the trainer flushes after
@@ -163,7 +193,7 @@ class MlflowTracker:
         if exp:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(self.experiment, tags=dict([EXPERIMENT_KIND_TAG]))
         except Exception:  # noqa: BLE001
             # Several runs starting at once on a new experiment (a sweep's workers) all find it
             # missing and all create it; the store keeps one and refuses the others. The loser
@@ -179,11 +209,13 @@ class MlflowTracker:
 
         exp_id = self.check()
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+        self.experiment_id = exp_id
         self.run_id = run.info.run_id
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow: at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         self.client.log_text(self.run_id, config_str, "config.gin")
+        self.client.log_text(self.run_id, installed_packages(), "environment/packages.txt")
         return self.run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -211,7 +243,7 @@ class MlflowTracker:
             raise ConfigError(f"cannot resume MLflow run {run_id!r} at {self.uri!r}: {first}") from None
         if run.info.status == "FINISHED":
             raise ConfigError(f"MLflow run {run_id} has already FINISHED; nothing to resume")
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "qvpo.resumed_at_step", str(step))
         self._pending = [Metric(*row) for row in pending]

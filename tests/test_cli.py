@@ -69,7 +69,15 @@ def test_train_writes_a_complete_mlflow_run(tmp_path, monkeypatch, capsys):
 
     arts = set(files())
     assert {"config.gin", "eval.csv", "learning_curve.png", "checkpoints/best.pt",
-            "checkpoints/final.pt"} <= arts
+            "checkpoints/final.pt", "environment/packages.txt"} <= arts
+    packages = Path(client.download_artifacts(run_id, "environment/packages.txt", str(tmp_path))).read_text()
+    import torch  # every resolved package with its version, as the run had it
+    assert f"torch=={torch.__version__}" in packages.splitlines() and len(packages.splitlines()) > 30
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning" in out
+    from qvpo import identity  # what the run is, for the sweep and the report
+    assert t[identity.VERSION_TAG] == str(identity.RESULTS_VERSION) and len(t[identity.IDENTITY_TAG]) == 16
+    assert t[identity.CELL_TAG] == identity.cell_identity() and t["qvpo.warmup_steps"] == "100"
     local = Path(client.download_artifacts(run_id, "config.gin", str(tmp_path)))
     text = local.read_text()
     assert "QVPO.train_candidates = 4" in text

@@ -8,6 +8,7 @@ from qvpo.agents.qvpo import QVPO
 from qvpo.diagnostics import (build_weightings, effective_sample_size, scale_free_variance,
                               weighting_gradient_variance)
 from qvpo.weights import QExp
+from qvpo.identity import RESULTS_VERSION, VERSION_TAG
 from test_qvpo_agent import filled_buffers
 
 NAMES = ("qadv", "qcut", "qrelu", "qexp", "qexpadv")
@@ -181,7 +182,8 @@ def test_report_section_recomputes_wilcoxon(tmp_path):
     truth = {}  # (env, seed, weighting) -> per-run mean scale-free variance
     for env in ("Hopper-v5", "Ant-v5"):
         for seed in range(4):
-            run = client.create_run(exp, tags={"algo": "QVPO", "env_id": env, "seed": str(seed)})
+            run = client.create_run(exp, tags={"algo": "QVPO", "env_id": env, "seed": str(seed),
+                                                   VERSION_TAG: str(RESULTS_VERSION)})
             ms = [Metric("eval/return_mean", 100.0 + seed, 0, 20_000)]
             for name, level in (("qadv", 1.0), ("qcut", 5.0), ("qexp", 2.0)):
                 vals = level * np.exp(rng.normal(0, 0.5, 2))
@@ -217,7 +219,8 @@ def test_report_section_recomputes_wilcoxon(tmp_path):
     assert float(hop0["scale_free_var"]) == pytest.approx(truth[("Hopper-v5", 0, "qexp")])
     # a report of runs without the diagnostic writes none of it
     plain = client.create_experiment("plain", artifact_location=(tmp_path / "art2").as_uri())
-    run = client.create_run(plain, tags={"algo": "QVPO", "env_id": "Ant-v5", "seed": "0"})
+    run = client.create_run(plain, tags={"algo": "QVPO", "env_id": "Ant-v5", "seed": "0",
+                                          VERSION_TAG: str(RESULTS_VERSION)})
     client.log_batch(run.info.run_id, metrics=[Metric("eval/return_mean", 1.0, 0, 10_000)])
     client.set_terminated(run.info.run_id)
     out2 = build_report("plain", uri, None, tmp_path / "r2", log_to_mlflow=False)

@@ -8,7 +8,8 @@ import pytest
 from scipy import stats as sps
 
 from qvpo.errors import ConfigError
-from qvpo.report import build_report
+from qvpo.identity import RESULTS_VERSION, VERSION_TAG
+from qvpo.report import CELL_IDENTITY_TAG, build_report
 
 EVAL_STEPS = list(range(50_000, 300_001, 50_000))
 PAPER = """# test paper table
@@ -24,6 +25,11 @@ PLAN = [("QVPO", "Hopper-v5", [0, 1, 2], 3600, 300_000), ("SAC", "Hopper-v5", [0
         ("QVPO", "Walker2d-v5", [0, 1], 5000, 300_000), ("QVPO", "Walker2d-v5", [2], 5000, 250_000),
         ("SAC", "Walker2d-v5", [0], 4500, 300_000),
         ("Random", "Hopper-v5", [0, 1], 20, 300_000), ("Random", "Walker2d-v5", [0, 1], 5, 300_000)]
+
+
+def current(label, env, **tags):
+    """Tags of a run of the current results version, one configuration per (algo, env)."""
+    return {VERSION_TAG: str(RESULTS_VERSION), CELL_IDENTITY_TAG: f"{label}-{env}", **tags}
 
 
 def fake_history(level, seed, algo, end):
@@ -53,9 +59,9 @@ def store(tmp_path_factory):
     for algo, env, seeds, level, end in PLAN:
         for seed in seeds:
             evals, train = fake_history(level, seed, algo, end)
-            run = client.create_run(exp, run_name=f"{algo}-{env}-{seed}", tags={
-                "algo": algo, "env_id": env, "seed": str(seed), "sweep": "t1", "config_hash": "abc",
-                "git_commit": "0" * 40})
+            run = client.create_run(exp, run_name=f"{algo}-{env}-{seed}", tags=current(
+                algo, env, algo=algo, env_id=env, seed=str(seed), sweep="t1", config_hash="abc",
+                git_commit="0" * 40))
             ms = [Metric("eval/return_mean", v, 0, s) for s, v in evals.items()]
             ms += [Metric("eval/return_best", max(v for t, v in evals.items() if t <= s), 0, s) for s in evals]
             ms += [Metric("train/episode_return", v, 0, s) for s, v in train.items()]
@@ -63,7 +69,7 @@ def store(tmp_path_factory):
             client.set_terminated(run.info.run_id, "FINISHED")
             truth[(algo, env, seed)] = (run.info.run_id, evals, train)
     # a failed run must not count
-    failed = client.create_run(exp, tags={"algo": "QVPO", "env_id": "Hopper-v5", "seed": "9"})
+    failed = client.create_run(exp, tags=current("QVPO", "Hopper-v5", algo="QVPO", env_id="Hopper-v5", seed="9"))
     client.log_batch(failed.info.run_id, metrics=[Metric("eval/return_mean", 1e6, 0, 50_000)])
     client.set_terminated(failed.info.run_id, "FAILED")
     paper = tmp / "paper.csv"
@@ -132,7 +138,9 @@ def test_comparison_is_scipys_welch_and_mwu(store):
     assert float(c["welch_t"]) == pytest.approx(w.statistic) and float(c["welch_p"]) == pytest.approx(w.pvalue)
     assert float(c["mwu_u"]) == u.statistic and float(c["mwu_p"]) == pytest.approx(u.pvalue)
     assert float(c["diff"]) == pytest.approx(x.mean() - y.mean())
-    assert float(c["diff_ci_low"]) <= float(c["diff"]) <= float(c["diff_ci_high"])
+    ci = sps.ttest_ind(x, y, equal_var=False).confidence_interval(0.95)  # Welch's interval, not a bootstrap
+    assert (float(c["diff_ci_low"]), float(c["diff_ci_high"])) == pytest.approx((ci.low, ci.high))
+    assert c["diff_ci_method"] == "welch_t" and c["mwu_method"] == "exact"
     # one test done in the family: Holm leaves its p as it is
     assert float(c["welch_p_holm"]) == pytest.approx(w.pvalue)
     assert {r["baseline"] for r in comps.values()} == {"SAC"}  # Random is no baseline
@@ -151,8 +159,19 @@ def test_iqm_of_normalised_scores(store):
     assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])
     assert r["tasks"] == "Hopper Walker2d" and int(r["n_runs"]) == 6
     assert "n < 2" in iqm[("SAC", "best_eval")]["note"]  # SAC's Walker2d stratum has one run
+    assert r["left_out"] == ""
+    # the mean weighs tasks equally: SAC has 3 runs on Hopper and 1 on Walker2d, and its mean is
+    # the mean of the two task means, not the mean of the 4 runs
+    per_task = []
+    for env, task_ref, seeds in (("Hopper-v5", 3728.5, [0, 1, 2]), ("Walker2d-v5", 5191.8, [0])):
+        rnd = np.mean([np.mean(list(store["truth"][("Random", env, s)][1].values())) for s in (0, 1)])
+        per_task.append(np.mean((best(store, "SAC", env, seeds) - rnd) / (task_ref - rnd)))
+    mean = {r["algo"]: r for r in agg if r["statistic"] == "mean" and r["metric"] == "best_eval"}
+    assert float(mean["SAC"]["value"]) == pytest.approx(np.mean(per_task))
+    assert "tasks weigh equally" in mean["SAC"]["weighting"]
     poi = [r for r in agg if r["statistic"] == "prob_improvement" and r["metric"] == "best_eval"]
     assert len(poi) == 1 and poi[0]["versus"] == "SAC" and poi[0]["tasks"] == "Hopper"
+    assert poi[0]["left_out"] == "Walker2d: fewer than 2 usable best_eval values (QVPO 3, SAC 1)"
     x, y = best(store, "QVPO", "Hopper-v5", [0, 1, 2]), best(store, "SAC", "Hopper-v5", [0, 1, 2])
     assert float(poi[0]["value"]) == pytest.approx((x[:, None] > y[None, :]).mean())
 
@@ -161,7 +180,11 @@ def test_markdown_sets_the_paper_beside_ours(store):
     md = (store["out"] / "table.md").read_text()
     assert "3728.5 (13.8)" in md and "5191.8 (60.2)" in md
     assert "best evaluation return" in md and "Hopper-v5" in md
-    assert "0 = the mean return of the `Random` runs" in md and "paper's best entry" in md
+    assert "0 = the uniformly random policy's mean return on the task, measured by this sweep's `Random` runs" in md
+    assert "1 = the paper's best reported return on -v3: the maximum over algorithms of the paper's Table 1 mean" in md
+    assert "IQM** = mean of the middle 50% of all runs of the covered tasks pooled" in md
+    assert "every task weighs the same, whatever its number of runs" in md
+    assert "Welch t-interval, 95% nominal" in md and "coverage is below the nominal 95%" in md
     assert "![curves_Hopper.png](curves_Hopper.png)" in md
 
 
@@ -204,8 +227,8 @@ def test_ablation_runs_are_grouped_by_their_variant_tag(tmp_path):
     exp = client.create_experiment("abl", artifact_location=(tmp_path / "art").as_uri())
     for variant, level in (("QVPO", 100.0), ("Kb1-Kt1", 50.0)):
         for seed in range(3):
-            run = client.create_run(exp, tags={"algo": "QVPO", "variant": variant, "env_id": "Ant-v5",
-                                               "seed": str(seed)})
+            run = client.create_run(exp, tags=current(variant, "Ant-v5", algo="QVPO", variant=variant,
+                                                       env_id="Ant-v5", seed=str(seed)))
             client.log_batch(run.info.run_id, metrics=[Metric("eval/return_mean", level + seed, 0, 10_000)])
             client.set_terminated(run.info.run_id)
     out = build_report("abl", uri, None, tmp_path / "reports", log_to_mlflow=False)

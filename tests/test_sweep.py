@@ -2,6 +2,7 @@
 (two algorithms, one task, two seeds, two workers) through `qvpo sweep` into one MLflow store."""
 
 import csv
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,6 +118,9 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["sweep"] == "smoke" and r.data.tags.get("git_commit") for r in runs)
+    for r in runs:  # each child's whole output is an artifact of its run
+        [art] = client.list_artifacts(r.info.run_id, "logs")
+        assert art.path == f"logs/{r.data.tags['qvpo.run_identity']}.log"
     for r in runs:  # every metric of every run is there
         evals = client.get_metric_history(r.info.run_id, "eval/return_mean")
         if r.data.tags["algo"] == "Random":
@@ -161,7 +165,8 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
     assert "-150" in (out_dir / "table.md").read_text() and list(out_dir.glob("*.png"))
     # compute overhead: time per env step by phase, from the runs' own metrics
     compute = {row["algo"]: row for row in csv.DictReader(open(out_dir / "compute.csv"))}
-    env_ms = [np.mean([m.value for m in client.get_metric_history(r.info.run_id, "time/env_ms_per_step")])
+    # time-weighted over the learning phase: the windows after the 100-step warm-up, all 100 steps long
+    env_ms = [np.mean([m.value for m in client.get_metric_history(r.info.run_id, "time/env_ms_per_step") if m.step > 100])
               for r in runs if r.data.tags["algo"] == "SAC"]
     assert float(compute["SAC"]["env_ms_per_step"]) == pytest.approx(np.mean(env_ms), rel=1e-9)
     assert float(compute["QVPO"]["sampling_ms_per_step"]) > 0 and "by phase" in (out_dir / "table.md").read_text()
@@ -216,3 +221,21 @@ def test_open_question_folder_smoke_profile(tmp_path, monkeypatch, capsys, folde
     assert "by phase" in table
     if folder == "open_weight_variance":
         assert (tmp_path / "reports" / experiment / "gradvar.csv").exists()
+
+
+def test_local_pool_survives_a_child_that_floods_its_output(tmp_path, monkeypatch):
+    """A child writing megabytes to stderr neither blocks the sweep (the old pipe filled at 64 KiB
+    and the child waited forever) nor loses its reason: the whole output is in the run's log."""
+    chatty = ("import sys; sys.stdout.write('o' * 1000 + chr(10)); sys.stderr.write(('e' * 999 + chr(10)) * 5000); "
+              "sys.stderr.write('the reason it failed' + chr(10)); sys.exit(3)")
+    monkeypatch.setattr(sw, "child_command", lambda args: [sys.executable, "-c", chatty])
+    spec = sw.load_spec(_spec(tmp_path), [])
+    runs = sw.expand(spec)[:2]
+    messages = []
+    results = sw.run_local(spec, [(r, "new", None) for r in runs], f"sqlite:///{tmp_path}/m.db", str(tmp_path), 2,
+                           log=messages.append)
+    assert sorted(rc for _, rc in results) == [3, 3]
+    for r in runs:
+        text = sw.log_path(str(tmp_path), spec, r).read_text()
+        assert len(text) > 5_000_000 and text.rstrip().endswith("the reason it failed")
+    assert sum("FAILED (exit 3): the reason it failed" in m for m in messages) == 2

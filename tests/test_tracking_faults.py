@@ -102,3 +102,46 @@ def test_runs_racing_to_create_one_experiment_share_it(tmp_path):
     exp_id = winner.check()  # creates "race"
     assert loser.check() == exp_id and len(looks) == 2  # missing, create refused, looked again
     assert len(MlflowClient(uri).search_experiments(filter_string="name = 'race'")) == 1
+
+
+def test_store_failing_at_the_end_keeps_the_metrics_and_says_how_to_send_them(tmp_path, monkeypatch, capsys):
+    """The final flush fails: the checkpoint with the unsent metrics is kept (it used to be deleted
+    after a warning), the exit status is non-zero, and the printed command sends them later."""
+    from mlflow.tracking import MlflowClient
+
+    log_batch = MlflowClient.log_batch
+    down = {"now": False}
+
+    def failing_at_the_end(self, run_id, metrics=(), **kw):
+        if metrics and down["now"]:
+            raise ConnectionError("store unreachable")
+        return log_batch(self, run_id, metrics=metrics, **kw)
+
+    from qvpo import train as train_module
+    run = train_module.Trainer.run
+
+    def run_then_store_goes_down(self, *a, **kw):
+        results = run(self, *a, **kw)
+        down["now"] = True
+        return results
+
+    monkeypatch.setattr(MlflowClient, "log_batch", failing_at_the_end)
+    monkeypatch.setattr(train_module.Trainer, "run", run_then_store_goes_down)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = main(["train", "--steps", "300", "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"),
+               "--bind", "Trainer.checkpoint_every = 0", "--bind", "MlflowTracker.retries = 0", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 1 and "could not be sent" in err
+    command = err.split("once the store is back with: ")[1].split()
+    assert command[:3] == ["qvpo", "train", "--resume"] and Path(command[3]).is_file()
+    client = MlflowClient(uri)
+    [r] = client.search_runs([client.get_experiment_by_name("qvpo").experiment_id])
+    assert r.info.status == "RUNNING" and not client.get_metric_history(r.info.run_id, "eval/return_mean")
+
+    down["now"] = False
+    monkeypatch.setattr(train_module.Trainer, "run", run)
+    assert main([*command[1:], "--tracking-uri", uri, "--quiet"]) == 0
+    assert client.get_run(r.info.run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "eval/return_mean")) == [200, 300]
+    assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss/critic")) == [200, 300]
+    assert not Path(command[3]).exists()  # sent and finished: the checkpoint is removed as usual

@@ -181,3 +181,22 @@ def test_q_overestimation_is_logged_at_episode_ends():
     trainer.run(lambda m, step: logged.append((step, m)) if "q/overestimation" in m else None)
     trainer.close()
     assert [s for s, _ in logged] == [200, 400]  # Pendulum: 200-step episodes, truncated
+
+
+def test_evaluation_seeds_are_independent_across_training_seeds():
+    """No two training seeds share an evaluation episode's seed (with seed + 10000 + i, seed 0's
+    env 1 was seed 1's env 0), and the trainer's evaluation envs use exactly these seeds."""
+    from qvpo.rng import eval_env_seeds
+
+    seeds = [x for s in range(200) for x in eval_env_seeds(s, 10)]
+    assert len(set(seeds)) == len(seeds)
+    assert eval_env_seeds(3, 10) == eval_env_seeds(3, 10) and eval_env_seeds(3, 4) == eval_env_seeds(3, 10)[:4]
+    t = build("Trainer.env_id = 'Pendulum-v1'", "Trainer.total_steps = 1", "Trainer.eval_episodes = 3",
+              "Trainer.seeds_per_process = 2", "Trainer.seed = 5")
+    import gymnasium as gym
+    for k, s in enumerate((5, 6)):
+        for env, e in zip(t.eval_envs[k], eval_env_seeds(s, 3)):
+            fresh = gym.make("Pendulum-v1")
+            fresh.reset(seed=e)  # the trainer's env was reset once with its seed, and only that
+            assert env.unwrapped.np_random.bit_generator.state == fresh.unwrapped.np_random.bit_generator.state
+    t.close()
