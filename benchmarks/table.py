@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from floor import Shapes, floor_seconds, mixed_floor, sampler_costs, update_costs  # noqa: E402
 
-REFERENCE_UPDATE_S = 1.7  # the authors' code on this 2-core CPU (shared/paper/QVPO.md, "Cost")
+REFERENCE_UPDATE_S = 1.7  # the authors' code on the project's 2-core CPU (docs/paper-notes.md#cost)
 
 
 def main(path: str) -> None:

@@ -1,7 +1,7 @@
 """QVPO at the paper's settings on Hopper-v5 dimensions (obs 11, action 3): constructor defaults =
 gin/algos/qvpo.gin (batch 256, Nd 64, T 20, Kb = Kt = 4, eval K 32, 3 x 256 Mish networks).
 
-Run with `make bench`; numbers go to the README with the machine they ran on.
+Run with `make bench`; numbers go to docs/speed.md with the machine and command they ran on.
 """
 
 import time

@@ -58,7 +58,8 @@ class ReplayBuffer:
     """Circular FIFO buffer of transitions, each observation stored once.
 
     Args:
-      capacity: transitions kept (QVPO.md: 1,000,000). The observation ring has capacity + 1 rows,
+      capacity: transitions kept (the paper's 1,000,000: docs/paper-notes.md#training-protocol).
+        The observation ring has capacity + 1 rows,
         so one unbroken episode stream keeps exactly `capacity` transitions; every episode end
         inside the window costs one extra row (its final next observation), so a stream with
         episode ends keeps `capacity` minus (episode ends in the window) transitions.

@@ -1,5 +1,6 @@
-"""Gradient-variance diagnostic of the Q-weightings (open question 3 of shared/paper/QVPO.md:
-advantage versus raw Q as the weight; reproduce/open_weight_variance).
+"""Gradient-variance diagnostic of the Q-weightings (open question 3 of the QVPO paper,
+docs/paper-notes.md#open-questions: advantage versus raw Q as the weight;
+reproduce/open_weight_variance).
 
 At the agent's current parameters, K independent minibatch + candidate draws, shared by every
 weighting (paired), each give one policy gradient per weighting of the loss QVPO optimises (the

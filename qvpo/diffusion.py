@@ -1,6 +1,7 @@
 """DDPM for actions: noise schedules and the diffusion policy's sampler and (weighted) loss.
 
-Follows the QVPO / DIPO reference code (shared/paper/QVPO.md): epsilon-prediction, cosine beta
+Follows the QVPO / DIPO reference code (wadx2019/qvpo@40a1974 agent/diffusion.py, cited line by
+line in docs/paper-notes.md#diffusion-model-and-networks): epsilon-prediction, cosine beta
 schedule (s = 0.008, betas clipped to 0.999), predicted x0 clamped to [-1, 1] while sampling, no
 noise at the last step (t = 0), final action clamped to [-1, 1].
 """
@@ -129,8 +130,10 @@ class DiffusionPolicy(nn.Module):
 
     Args:
       T: diffusion steps (set by the agent: QVPO.T, DIPO.T; not a gin parameter here).
-      schedule: beta schedule name (QVPO.md: cosine).
-      clip_x0: clamp the predicted x0 to [-1, 1] at each sampling step (QVPO.md: yes).
+      schedule: beta schedule name (the reference's: cosine;
+        docs/paper-notes.md#diffusion-model-and-networks).
+      clip_x0: clamp the predicted x0 to [-1, 1] at each sampling step (the reference does; same
+        section).
       precision: 'fp32', or 'bf16' to run the sampler's hidden layers in bfloat16 (opt-in speed
         mode for CPUs with native bf16 matmul and for GPUs; training stays float32).
       block_rows: candidate rows per block in the per-layer sampler (a speed knob; same maths;

@@ -2,7 +2,8 @@
 
 Initialisation follows the QVPO reference code: every Linear gets weight ~ N(0, 1/(2*sqrt(fan_in)))
 and bias 0 (the code intends a truncated normal but never truncates, so the effective init is
-the plain normal; see shared/paper/QVPO.md). `init='torch'` keeps PyTorch's default instead.
+the plain normal; see docs/paper-notes.md#diffusion-model-and-networks). `init='torch'` keeps
+PyTorch's default instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from qvpo.errors import require
 def mish(x: torch.Tensor) -> torch.Tensor:
     """Exact Mish, x * tanh(softplus(x)), the fastest way available for this tensor.
 
-    * CPU float32: the native kernels of qvpo/native, one pass over memory (QVPO.md, "Cost": on
+    * CPU float32: the native kernels of qvpo/native, one pass over memory (docs/paper-notes.md#cost: on
       CPU torch's Mish costs about as much as the matmul that feeds it); under autograd with
       their backward (first-order gradients);
     * elsewhere under autograd: F.mish (the library's fused backward);
@@ -132,13 +133,14 @@ class Denoiser(nn.Module):
     """epsilon_theta(a_t, t, s): the noise predictor of the diffusion policy, one per seed.
 
     Input is [a_t, time embedding, s]; the time embedding is sinusoidal(time_dim) ->
-    Linear(time_dim, time_hidden) -> Mish -> Linear(time_hidden, time_dim), as in the reference.
+    Linear(time_dim, time_hidden) -> Mish -> Linear(time_hidden, time_dim), as in the reference;
+    the defaults are its sizes (docs/paper-notes.md#diffusion-model-and-networks).
     """
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
-                 hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256
-                 time_dim: int = 32,  # QVPO.md: sinusoidal(32)
-                 time_hidden: int = 256,  # QVPO.md: Linear(32, 256) -> Mish -> Linear(256, 32)
+                 hidden: tuple[int, ...] = (256, 256, 256),  # reference: 3 x 256
+                 time_dim: int = 32,  # reference: sinusoidal(32)
+                 time_hidden: int = 256,  # reference: Linear(32, 256) -> Mish -> Linear(256, 32)
                  activation: str = "mish"):
         super().__init__()
         require(time_dim >= 4 and time_dim % 2 == 0, f"Denoiser.time_dim must be even and >= 4, got {time_dim}")
@@ -171,10 +173,11 @@ class Denoiser(nn.Module):
 
 @gin.configurable
 class TwinQ(nn.Module):
-    """Two independent Q networks on [s, a] (clipped double-Q), one pair per seed."""
+    """Two independent Q networks on [s, a] (clipped double-Q), one pair per seed; the defaults
+    are the reference's sizes (docs/paper-notes.md#diffusion-model-and-networks)."""
 
     def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
-                 hidden: tuple[int, ...] = (256, 256, 256),  # QVPO.md: 3 x 256 Mish
+                 hidden: tuple[int, ...] = (256, 256, 256),  # reference: 3 x 256 Mish
                  activation: str = "mish", init: str | None = None, scoring_precision: str = "fp32",
                  fused: bool = True):
         """init: an init_linear scheme for these networks (None = init_linear's gin default).

@@ -20,7 +20,7 @@ for _cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.R
 @gin.configurable
 def adam(params, lr: float, eps: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
          weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam with the QVPO reference code's eps = 1e-5 (QVPO.md, networks section)."""
+    """Adam with the QVPO reference code's eps = 1e-5 (docs/paper-notes.md#diffusion-model-and-networks)."""
     # foreach: one multi-tensor kernel per step instead of one per parameter (same maths)
     return torch.optim.Adam(params, lr=lr, eps=eps, betas=tuple(betas), weight_decay=weight_decay,
                             foreach=True)

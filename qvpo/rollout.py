@@ -5,7 +5,8 @@ the agent's device. Episodes may end inside a rollout; two flags keep the cases 
 `terminal` (the episode terminated: no bootstrap) and `done` (terminated or truncated: the
 advantage recursion stops). A time-limit truncation bootstraps from the value of the real final
 observation, which the trainer computes and stores in `bootstrap_value` (CleanRL and most PPO
-code treat truncation as termination; QVPO.md asks for truncation done right in every algorithm).
+code treat truncation as termination; here every algorithm bootstraps at truncations:
+docs/algorithms.md#deviations-from-the-papers-setting).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from qvpo.errors import require
 
 @gin.configurable
 class Constant:
-    """omega_ent fixed; 0.01 is the value the paper's text gives for all tasks (QVPO.md step 7)."""
+    """omega_ent fixed; 0.01 is the value the paper's text gives for all tasks
+    (docs/paper-notes.md#entropy-weight-schedule)."""
 
     def __init__(self, value: float = 0.01):
         require(value >= 0, f"Constant.value must be >= 0, got {value}")
@@ -27,10 +28,11 @@ class Constant:
 class LinearDecay:
     """The reference code's omega_ent: min(initial, max(final, initial * (1 - step / total_steps))).
 
-    total_steps is the run length (1e6 in the paper), passed in by the trainer.
+    total_steps is the run length (1e6 in the paper), passed in by the trainer. Source:
+    wadx2019/qvpo@40a1974 main.py L193 (docs/paper-notes.md#entropy-weight-schedule).
     """
 
-    def __init__(self, initial: float = 0.02, final: float = 0.002):  # QVPO.md step 7
+    def __init__(self, initial: float = 0.02, final: float = 0.002):  # the reference code's
         require(initial >= 0 and final >= 0,
                 f"LinearDecay needs initial, final >= 0, got initial={initial}, final={final}")
         self.initial, self.final = initial, final

@@ -127,16 +127,18 @@ class TrainResult:
 class Trainer:
     """Builds envs, buffers and the agent, then runs the loop (off- or on-policy, by the agent).
 
+    "paper" below: the QVPO paper's protocol, docs/paper-notes.md#training-protocol.
+
     Args:
       env_id: Gymnasium task id.
       agent: the agent class (gin: `Trainer.agent = @QVPO`).
-      total_steps: env steps in the run, per seed (QVPO.md: 1,000,000).
+      total_steps: env steps in the run, per seed (paper: 1,000,000).
       warmup_steps: env steps of uniformly random actions before the first update; None = the
         agent's own (`QVPO.warmup_steps`, `TD3.warmup_steps`, ...: each algorithm's setting), a
         number overrides it for whichever agent runs (on-policy agents need 0).
-      updates_per_step: gradient updates per env step after warm-up (QVPO.md: 1).
-      eval_every: env steps between evaluations (QVPO.md: 10,000).
-      eval_episodes: episodes per evaluation (QVPO.md: 10).
+      updates_per_step: gradient updates per env step after warm-up (paper: 1).
+      eval_every: env steps between evaluations (paper: 10,000).
+      eval_episodes: episodes per evaluation (paper: 10).
       seed: the first seed; seeds_per_process = N trains seeds seed .. seed + N - 1.
       seeds_per_process: independent seeds trained together in this process, batched over a
         leading seed dimension (each with its own env, buffer, random streams, optimiser state,

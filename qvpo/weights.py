@@ -3,8 +3,8 @@ best candidate in the Q-weighted variational loss.
 
 Each transform maps q (..., K) -> w (...), the weight of the best of the K candidates (selection
 happens in the agent; every transform weights the best candidate, as the reference code does).
-The leading dimensions are (seeds, states). Names and forms
-follow shared/paper/QVPO.md, section "The algorithm", step 3.
+The leading dimensions are (seeds, states). Names and forms follow the reference code's
+(wadx2019/qvpo@40a1974 agent/q_transform.py; docs/paper-notes.md#q-weight-transforms).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ class QExp(QWeight):
     mu, sigma are running mean / std of the candidates' Q values (exponential moving averages
     with rate `momentum`, per seed), so the weight is scale-free. Differences from the reference
     qexpn: we average the variance (not the std), start from the first batch's statistics (not
-    0 and 1) and use the biased variance. beta = 1.0 is ours (QVPO.md gives no value).
+    0 and 1) and use the biased variance. beta = 1.0 is the reference's parser default (`--beta`;
+    docs/paper-notes.md#q-weight-transforms).
     """
 
     def __init__(self, beta: float = 1.0, momentum: float = 0.001, clip: float = 8.0):  # 0.001: reference alpha_mean/alpha_std

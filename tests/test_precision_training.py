@@ -22,7 +22,7 @@ def late_means(extra):
 
 @pytest.mark.slow
 def test_bf16_sampler_training_within_fp32_seed_spread():
-    steps = "Trainer.total_steps = 7000"  # env steps (the figures in the README are for this)
+    steps = "Trainer.total_steps = 7000"  # env steps (the figures in docs/speed.md#bf16-and-learning are for this)
     fp32 = late_means([steps, "Trainer.seeds_per_process = 3"])          # seeds 0, 1, 2
     bf16 = late_means([steps, "DiffusionPolicy.precision = 'bf16'", "TwinQ.scoring_precision = 'bf16'"])[0]  # seed 0
     spread = max(fp32) - min(fp32)

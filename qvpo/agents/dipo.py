@@ -1,6 +1,6 @@
 """DIPO: DIffusion POlicy (Yang et al. 2023, "Policy Representation via Diffusion Probability Model
 for Reinforcement Learning", arXiv 2305.13122), as its reference code runs it (BellmanTimeHut/DIPO,
-commit bb3d85b, `main.py` with its parser defaults; shared/paper/QVPO.md, "Baselines").
+commit bb3d85b, `main.py` with its parser defaults; docs/paper-notes.md#dipo).
 
 One update:
   1. critic: a' = ONE sample of the EMA target policy at s' (no best-of-K);
@@ -116,8 +116,8 @@ def action_gradient(critic: TwinQ, states: torch.Tensor, actions: torch.Tensor, 
 
 @gin.configurable
 class DIPO(Agent):
-    """DIPO agent. Every default is the reference code's (`main.py`'s parser defaults; QVPO.md,
-    "Baselines"); gin/algos/dipo.gin restates them.
+    """DIPO agent. Every default is the reference code's (`main.py`'s parser defaults;
+    docs/paper-notes.md#dipo); gin/algos/dipo.gin restates them.
 
     Trains len(seeds) independent seeds at once (leading seed dimension everywhere; per-seed
     losses, gradient clips and action-gradient clips).

@@ -28,9 +28,9 @@ for t = T-1 .. 0: x <- (x - beta_t / sqrt(1 - ab_t) eps_theta(x, s, t)) / sqrt(a
 the final action is clipped. `repeat_last_step` M repeats the t = 0 step M more times (the
 earlier learner's M, IDQL's repeat_last_step; 0 = off).
 
-Versions: shared/paper/QVPO.md describes an earlier learner of the same repository (commit
-04a3920): loss -eps_theta . grad_a (Q1 + Q2), actor step first, an EMA actor (tau 0.001) for
-targets and acting, no target-action noise. That loss pushes eps_theta along +grad Q, so its
+Versions: the QSM description this project started from (docs/paper-notes.md#qsm) is of an
+earlier learner of the same repository (commit 04a3920): loss -eps_theta . grad_a (Q1 + Q2), actor
+step first, an EMA actor (tau 0.001) for targets and acting, no target-action noise. That loss pushes eps_theta along +grad Q, so its
 sampler walks down Q; the released learner (the defaults here) matches -M_q grad Q instead.
 actor_tau = 0.001 and target_noise = 0 recover that version's sampling; gin/algos/qsm.gin
 names every difference.

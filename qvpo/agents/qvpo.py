@@ -1,6 +1,7 @@
 """QVPO: Q-weighted Variational Policy Optimization (Ding et al., NeurIPS 2024, arXiv 2405.16173).
 
-One update, as the reference code does it (shared/paper/QVPO.md, "The algorithm"):
+One update, as the reference code does it (docs/paper-notes.md#the-algorithm, which cites
+wadx2019/qvpo@40a1974 line by line):
   1. critic: a' = best of Kt candidates of the EMA target policy at s', scored by the target
      critic; y = r + gamma (1 - terminal) min(Q1', Q2')(s', a'); loss = MSE(Q1, y) + MSE(Q2, y).
   2. policy samples: a fresh minibatch; Nd candidates per state from the online policy, scored by
@@ -68,7 +69,8 @@ def pick(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @gin.configurable
 class QVPO(Agent):
-    """QVPO agent. Every default is the reference code's (QVPO.md); gin/algos/qvpo.gin restates them.
+    """QVPO agent. Every default is the reference code's (docs/paper-notes.md#training-protocol);
+    gin/algos/qvpo.gin restates them.
 
     Trains len(seeds) independent seeds at once: every network, optimiser state, random stream
     and replay buffer has a leading seed dimension, and the seeds never mix (per-seed losses,

@@ -9,7 +9,7 @@ compiler works, `library()` returns None with one warning and the sampler uses t
 maths, slower). `QVPO_NATIVE=0` turns the kernels off.
 
 Why: on CPU an exact Mish in torch ops is several passes over memory with fresh allocations and
-costs about as much as the matmuls that feed it (shared/paper/QVPO.md, "Cost"); here each
+costs about as much as the matmuls that feed it (docs/paper-notes.md#cost); here each
 element is read once and written once while it is in cache.
 """
 
