@@ -1,16 +1,19 @@
-"""The training loop: interaction, updates, evaluation, metrics, artifacts.
+"""The training loops: interaction, updates, evaluation, metrics, checkpoints.
 
-Off-policy agents get a random warm-up, a replay buffer per seed and `updates_per_step` updates
-per env step; on-policy agents (PPO, SPO) fill a rollout buffer and update when it is full. The
-rest (env stepping, episode bookkeeping, evaluation, logging, checkpoints) is shared.
+Two loops, one vocabulary. `Trainer._run_off_policy`: a random warm-up, a replay buffer per seed
+and `updates_per_step` updates per env step (QVPO, SAC, TD3, DIPO, QSM). `Trainer._run_on_policy`:
+the agent's own rollouts, an update each time the rollout buffer is full (PPO, SPO). What both
+share is a method each: stepping the envs (`_step_envs`), episode bookkeeping (`_end_of_step`),
+and evaluation, logging and checkpoints (`_after_updates`). Work that is not the loop's
+(the critic's overestimation, the run's files) is done by observers (qvpo.observers).
 
-No algorithm maths here: the loop asks the agent for actions and updates and hands metrics to a
-`log(metrics, step)` callable (tracking.py sends them to MLflow). Steps are env steps throughout.
+No algorithm maths and no algorithm here: the loop asks the agent for actions and updates and
+hands metrics to a `log(metrics, step)` callable (tracking.py sends them to MLflow). Steps are
+env steps throughout.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import signal
@@ -25,11 +28,12 @@ import torch
 from tqdm import tqdm
 
 from qvpo.agents.base import Agent
-from qvpo.agents.qvpo import QVPO
 from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.checkpoint import atomic_save
 from qvpo.envs import check_env_id, env_dims, get_env_state, make_env, set_env_state
 from qvpo.errors import ConfigError, require, require_int
+from qvpo.observers import (ArtifactWriter, Observer, QBiasObserver, discounted_returns,  # noqa: F401
+                            mc_horizon, q_bias_states, save_checkpoint, write_eval_csv)
 from qvpo.rng import eval_env_seeds
 from qvpo.rollout import RolloutBuffer
 from qvpo.timing import PhaseTimer
@@ -131,7 +135,7 @@ class Trainer:
 
     Args:
       env_id: Gymnasium task id.
-      agent: the agent class (gin: `Trainer.agent = @QVPO`).
+      agent: the agent class (gin: `Trainer.agent = @QVPO`), or its --algo name ('qvpo').
       total_steps: env steps in the run, per seed (paper: 1,000,000).
       warmup_steps: env steps of uniformly random actions before the first update; None = the
         agent's own (`QVPO.warmup_steps`, `TD3.warmup_steps`, ...: each algorithm's setting), a
@@ -163,7 +167,7 @@ class Trainer:
     """
 
     def __init__(self, env_id: str = "Hopper-v5",
-                 agent: Callable[..., Agent] = QVPO,
+                 agent: Callable[..., Agent] | str = "qvpo",
                  total_steps: int = 1_000_000,
                  warmup_steps: int | None = None,
                  updates_per_step: int = 1,
@@ -214,6 +218,9 @@ class Trainer:
                           for s in self.seeds]
         obs_dim, action_dim = env_dims(self.envs[0])
         self.timer = PhaseTimer(self.device, sync=sync_timing)
+        if isinstance(agent, str):
+            from qvpo.agents import agent_class  # the registry, by --algo name
+            agent = agent_class(agent)
         self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
                            total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
         self.warmup_steps = self.agent.warmup_steps if warmup_steps is None else warmup_steps
@@ -227,9 +234,9 @@ class Trainer:
         self.acc = MetricAccumulator()
         self.obs: np.ndarray | None = None
         self.ep_return, self.ep_len = [0.0] * N, [0] * N
-        self.episode = [([], [], []) for _ in range(N)]  # per seed: this episode's obs, actions, rewards
-        # decided once: episodes are recorded only when there is a critic to compare with
-        self.track_q = q_bias and not self.agent.on_policy and self.agent.has_q_critic
+        # the critic's overestimation, only where there is a critic to compare with
+        self.q_bias = QBiasObserver(N) if q_bias and not self.agent.on_policy and self.agent.has_q_critic else None
+        self.observers: list[Observer] = [o for o in (self.q_bias,) if o is not None]
         self.stop_signal: int | None = None  # set by a signal handler: checkpoint and stop
         if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
             require(self.warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
@@ -264,7 +271,7 @@ class Trainer:
                 running[k, i] = not (term or trunc)
         return returns.tolist()
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the loops
     def run(self, logs: LogFn | list[LogFn] | None = None,
             out_dirs: Path | list[Path] | None = None,
             checkpointer: "Checkpointer | None" = None) -> list[TrainResult]:
@@ -272,138 +279,135 @@ class Trainer:
         load_state_dict); logs[k] and out_dirs[k] are seed k's."""
         N = len(self.seeds)
         logs = [logs] * N if logs is None or callable(logs) else list(logs)
-        logs = [log or (lambda metrics, step: None) for log in logs]
+        self._logs = [log or (lambda metrics, step: None) for log in logs]
         out_dirs = [out_dirs] * N if out_dirs is None or isinstance(out_dirs, Path) else list(out_dirs)
-        results, acc = self.results, self.acc
-        timer, agent, envs = self.timer, self.agent, self.envs
+        self._observers = [*self.observers, ArtifactWriter(out_dirs)]
+        self._checkpointer = checkpointer
         if self.obs is None:  # a fresh run (a resumed one continues its episodes)
-            self.obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, self.seeds)])
-        obs = self.obs
-        next_obs = np.empty_like(obs)
-        rewards = np.zeros(N)
-        terminated, truncated = np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
-        ep_return, ep_len = self.ep_return, self.ep_len
-        t_log, steps_at_log = time.perf_counter(), self.step - self.step % self.log_every
-        name = type(agent).__name__
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not self.progress, desc=f"{name} {self.env_id}" + (f" x{N} seeds" if N > 1 else ""))
+            self.obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)])
+        self._next_obs = np.empty_like(self.obs)
+        self._t_log, self._steps_at_log = time.perf_counter(), self.step - self.step % self.log_every
+        self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                         disable=not self.progress, desc=f"{type(self.agent).__name__} {self.env_id}"
+                         + (f" x{N} seeds" if N > 1 else ""))
+        try:
+            (self._run_on_policy if self.agent.on_policy else self._run_off_policy)()
+        finally:
+            self._bar.close()
+        for k in range(N):
+            for observer in self._observers:
+                observer.on_end(self, k)
+        return self.results
+
+    def _run_off_policy(self) -> None:
+        """Random actions for warmup_steps, then the agent's behaviour policy; every transition
+        into the seed's replay buffer; updates_per_step updates per env step once the warm-up is
+        over and the buffer holds a minibatch."""
+        agent, envs, timer = self.agent, self.envs, self.timer
         for step in range(self.step + 1, self.total_steps + 1):  # `step` = env steps taken, after this one
-            policy_out = None
-            if agent.on_policy:
-                with timer.phase("sampling"):
-                    policy_out = agent.explore(torch.as_tensor(obs, dtype=torch.float32, device=self.device))
-                    actions = policy_out["env_action"].cpu().numpy()
-            elif step <= self.warmup_steps:
+            if step <= self.warmup_steps:
                 actions = [env.action_space.sample() for env in envs]
             else:
                 with timer.phase("sampling"):
-                    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[:, None]
+                    obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)[:, None]
                     actions = agent.act(obs_t, explore=True)[:, 0].cpu().numpy()
-            with timer.phase("env"):
-                for k, env in enumerate(envs):
-                    next_obs[k], rewards[k], terminated[k], truncated[k], _ = env.step(actions[k])
-            # `terminal` stops bootstrapping; a time-limit truncation bootstraps unless the
-            # reference code's behaviour is asked for
-            terminal = terminated | (truncated & self.truncation_is_terminal)
-            if agent.on_policy:
-                self._store_rollout_step(policy_out, rewards, next_obs, terminal, terminated | truncated)
-            else:
-                for k in range(N):
-                    self.buffers[k].add(obs[k], actions[k], rewards[k], next_obs[k], bool(terminal[k]))
-            track_q = self.track_q
-            for k, env in enumerate(envs):
-                ep_return[k] += float(rewards[k])
-                ep_len[k] += 1
-                if track_q:
-                    ep_obs, ep_act, ep_rew = self.episode[k]
-                    ep_obs.append(obs[k].copy())
-                    ep_act.append(np.asarray(actions[k], dtype=np.float32).copy())
-                    ep_rew.append(float(rewards[k]))
-                if terminated[k] or truncated[k]:
-                    results[k].episodes.append((step, ep_return[k]))
-                    episode_metrics = {"train/episode_return": ep_return[k], "train/episode_length": ep_len[k]}
-                    if track_q:
-                        episode_metrics.update(self._q_bias(k, bool(terminated[k])))
-                    agent.observe_episode(k, episode_metrics)
-                    logs[k](episode_metrics, step)
-                    with timer.phase("env"):
-                        next_obs[k], _ = env.reset()
-                    ep_return[k], ep_len[k] = 0.0, 0
-            obs, next_obs = next_obs, obs
-            self.obs, self.step = obs, step
-
-            if agent.on_policy:
-                if self.rollout.full:
-                    with timer.phase("sampling"):
-                        last_value = agent.value(torch.as_tensor(obs, dtype=torch.float32, device=self.device))
-                    acc.add(agent.update(self.rollout.finish(last_value), step))
-            elif step > self.warmup_steps and len(self.buffers) >= agent.batch_size:
+            rewards, terminated, truncated, terminal = self._step_envs(actions)
+            for k in range(len(self.seeds)):
+                self.buffers[k].add(self.obs[k], actions[k], rewards[k], self._next_obs[k], bool(terminal[k]))
+            self._end_of_step(step, actions, rewards, terminated, truncated)
+            if step > self.warmup_steps and len(self.buffers) >= agent.batch_size:
                 for _ in range(self.updates_per_step):
-                    acc.add(agent.update(self.buffers, step))
+                    self.acc.add(agent.update(self.buffers, step))
+            self._after_updates(step)
 
-            if step % self.eval_every == 0 or step == self.total_steps:
-                with timer.phase("eval"):
-                    agent.begin_evaluation(step)
-                    returns = self.evaluate()
-                for k in range(N):
-                    rec = EvalRecord(step, returns[k])
-                    is_best = results[k].best_eval is None or rec.mean > results[k].best_eval
-                    results[k].evaluations.append(rec)
-                    logs[k]({"eval/return_mean": rec.mean, "eval/return_std": rec.std,
-                             "eval/return_best": results[k].best_eval}, step)
-                    if out_dirs[k] is not None:
-                        if is_best:
-                            save_checkpoint(out_dirs[k] / "checkpoints" / "best.pt", agent, step, rec.mean, k)
-                        write_eval_csv(out_dirs[k] / "eval.csv", results[k].evaluations)
-                bar.set_postfix(eval=" ".join(f"{r.evaluations[-1].mean:.1f}" for r in results), refresh=False)
+    def _run_on_policy(self) -> None:
+        """The agent's exploration policy every step, into the rollout buffer (a truncated
+        episode bootstraps from V of its real final observation); an update whenever the rollout
+        is full, with V of the observation after it."""
+        agent, timer = self.agent, self.timer
+        for step in range(self.step + 1, self.total_steps + 1):
+            with timer.phase("sampling"):
+                policy_out = agent.explore(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device))
+                actions = policy_out["env_action"].cpu().numpy()
+            rewards, terminated, truncated, terminal = self._step_envs(actions)
+            self._store_rollout_step(policy_out, rewards, self._next_obs, terminal, terminated | truncated)
+            self._end_of_step(step, actions, rewards, terminated, truncated)
+            if self.rollout.full:
+                with timer.phase("sampling"):
+                    last_value = agent.value(torch.as_tensor(self.obs, dtype=torch.float32, device=self.device))
+                self.acc.add(agent.update(self.rollout.finish(last_value), step))
+            self._after_updates(step)
 
-            if step % self.log_every == 0 or step == self.total_steps:
-                now = time.perf_counter()
-                n = step - steps_at_log
-                per_seed = acc.pop(N)
-                check_finite(per_seed, step, self.seeds)
-                common = {"perf/steps_per_s": n / max(now - t_log, 1e-9)}
-                for phase, secs in timer.pop().items():
-                    common[f"time/{phase}_ms_per_step"] = 1e3 * secs / n
-                for k in range(N):
-                    logs[k]({**per_seed[k], **common}, step)
-                t_log, steps_at_log = now, step
-            bar.update(1)
-
-            stop = self.stop_signal
-            if checkpointer is not None and (stop or (self.checkpoint_every and step % self.checkpoint_every == 0)):
-                checkpointer.save(self)
-            if stop:
-                bar.close()
-                raise Interrupted(stop, step, checkpointer.path if checkpointer else None)
-        bar.close()
-        for k in range(N):
-            if out_dirs[k] is not None:
-                save_checkpoint(out_dirs[k] / "checkpoints" / "final.pt", agent, self.total_steps,
-                                results[k].final_eval, k)
-                write_eval_csv(out_dirs[k] / "eval.csv", results[k].evaluations)
-                from qvpo.plots import plot_learning_curve
-                plot_learning_curve(results[k], out_dirs[k] / "learning_curve.png",
-                                    title=f"{name} on {self.env_id} (seed {self.seeds[k]})")
-        return results
-
-    def _q_bias(self, k: int, terminated: bool) -> dict[str, float]:
-        """Seed k's just-finished episode: its critic's Q against the Monte-Carlo returns."""
-        ep_obs, ep_act, ep_rew = self.episode[k]
-        self.episode[k] = ([], [], [])
-        gamma = getattr(self.agent, "gamma", None)
-        n = q_bias_states(len(ep_rew), terminated, gamma) if gamma is not None else 0
-        if n == 0:
-            return {}
+    # ------------------------------------------------------------------ shared by both loops
+    def _step_envs(self, actions):
+        """One env step of every seed into self._next_obs; returns rewards, terminated,
+        truncated and `terminal` (what stops bootstrapping: a termination, or a time-limit
+        truncation only when the reference code's behaviour is asked for)."""
         N = len(self.seeds)
-        obs = torch.zeros(N, n, len(ep_obs[0]), device=self.device)  # other seeds' rows unused
-        act = torch.zeros(N, n, len(ep_act[0]), device=self.device)
-        obs[k] = torch.as_tensor(np.stack(ep_obs[:n]), dtype=torch.float32, device=self.device)
-        act[k] = torch.as_tensor(np.stack(ep_act[:n]), dtype=torch.float32, device=self.device)
-        q = self.agent.q_estimate(obs, act)
-        g = discounted_returns(np.asarray(ep_rew), gamma)[:n]
-        q_k = q[k].double().cpu().numpy()
-        return {"q/overestimation": float(np.mean(q_k - g)), "q/mc_return": float(np.mean(g))}
+        rewards = np.zeros(N)
+        terminated, truncated = np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
+        with self.timer.phase("env"):
+            for k, env in enumerate(self.envs):
+                self._next_obs[k], rewards[k], terminated[k], truncated[k], _ = env.step(actions[k])
+        return rewards, terminated, truncated, terminated | (truncated & self.truncation_is_terminal)
+
+    def _end_of_step(self, step: int, actions, rewards, terminated, truncated) -> None:
+        """Episode bookkeeping of every seed: returns and lengths, observers, and at an episode's
+        end its metrics and a reset; then the next observations become the current ones."""
+        for k, env in enumerate(self.envs):
+            self.ep_return[k] += float(rewards[k])
+            self.ep_len[k] += 1
+            for observer in self._observers:
+                observer.on_transition(self, k, self.obs[k], actions[k], rewards[k])
+            if terminated[k] or truncated[k]:
+                self.results[k].episodes.append((step, self.ep_return[k]))
+                metrics = {"train/episode_return": self.ep_return[k], "train/episode_length": self.ep_len[k]}
+                for observer in self._observers:
+                    metrics.update(observer.on_episode_end(self, k, bool(terminated[k])))
+                self.agent.observe_episode(k, metrics)
+                self._logs[k](metrics, step)
+                with self.timer.phase("env"):
+                    self._next_obs[k], _ = env.reset()
+                self.ep_return[k], self.ep_len[k] = 0.0, 0
+        self.obs, self._next_obs = self._next_obs, self.obs
+        self.step = step
+
+    def _after_updates(self, step: int) -> None:
+        """Evaluation every eval_every steps and at the end, metrics every log_every steps,
+        a checkpoint every checkpoint_every steps, and a stop when a signal asked for one."""
+        N = len(self.seeds)
+        if step % self.eval_every == 0 or step == self.total_steps:
+            with self.timer.phase("eval"):
+                self.agent.begin_evaluation(step)
+                returns = self.evaluate()
+            for k in range(N):
+                record = EvalRecord(step, returns[k])
+                is_best = self.results[k].best_eval is None or record.mean > self.results[k].best_eval
+                self.results[k].evaluations.append(record)
+                self._logs[k]({"eval/return_mean": record.mean, "eval/return_std": record.std,
+                               "eval/return_best": self.results[k].best_eval}, step)
+                for observer in self._observers:
+                    observer.on_evaluation(self, k, record, is_best)
+            self._bar.set_postfix(eval=" ".join(f"{r.evaluations[-1].mean:.1f}" for r in self.results), refresh=False)
+
+        if step % self.log_every == 0 or step == self.total_steps:
+            now = time.perf_counter()
+            n = step - self._steps_at_log
+            per_seed = self.acc.pop(N)
+            check_finite(per_seed, step, self.seeds)
+            common = {"perf/steps_per_s": n / max(now - self._t_log, 1e-9)}
+            for phase, secs in self.timer.pop().items():
+                common[f"time/{phase}_ms_per_step"] = 1e3 * secs / n
+            for k in range(N):
+                self._logs[k]({**per_seed[k], **common}, step)
+            self._t_log, self._steps_at_log = now, step
+        self._bar.update(1)
+
+        stop, checkpointer = self.stop_signal, self._checkpointer
+        if checkpointer is not None and (stop or (self.checkpoint_every and step % self.checkpoint_every == 0)):
+            checkpointer.save(self)
+        if stop:
+            raise Interrupted(stop, step, checkpointer.path if checkpointer else None)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -418,7 +422,8 @@ class Trainer:
             "envs": [get_env_state(e) for e in self.envs],
             "eval_env_rngs": [[e.unwrapped.np_random.bit_generator.state for e in envs] for envs in self.eval_envs],
             "obs": None if self.obs is None else self.obs.copy(),
-            "ep_return": list(self.ep_return), "ep_len": list(self.ep_len), "episode": self.episode,
+            "ep_return": list(self.ep_return), "ep_len": list(self.ep_len),
+            "episode": self.q_bias.state_dict() if self.q_bias else None,
             "results": self.results, "acc": (dict(self.acc.sums), dict(self.acc.counts)),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -442,7 +447,8 @@ class Trainer:
                 env.unwrapped.np_random.bit_generator.state = r
         self.step, self.obs = state["step"], state["obs"]
         self.ep_return, self.ep_len = list(state["ep_return"]), list(state["ep_len"])
-        self.episode = state.get("episode", [([], [], []) for _ in self.seeds])
+        if self.q_bias is not None:
+            self.q_bias.load_state_dict(state.get("episode"))
         self.results = state["results"]
         sums, counts = state["acc"]
         if not isinstance(counts, dict):  # checkpoints before per-metric counts: one count for all
@@ -469,31 +475,6 @@ class Trainer:
     def close(self) -> None:
         for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:
             env.close()
-
-
-def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
-    """G_t = r_t + gamma G_{t+1} over one episode, G_T = 0 (the Monte-Carlo return from each step)."""
-    out = np.empty(len(rewards))
-    g = 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        g = rewards[t] + gamma * g
-        out[t] = g
-    return out
-
-
-def mc_horizon(gamma: float, tail: float = 0.01) -> int:
-    """Steps after which the discounted tail weighs less than `tail`: gamma^H <= tail."""
-    return 0 if gamma <= 0 else (math.inf if gamma >= 1 else math.ceil(math.log(tail) / math.log(gamma)))
-
-
-def q_bias_states(length: int, terminated: bool, gamma: float, tail: float = 0.01) -> int:
-    """How many of an episode's first states have a Monte-Carlo return that estimates Q: all of
-    them after a termination; after a time-limit truncation only those with at least
-    mc_horizon(gamma) steps left (the missing tail weighs less than `tail` of the return)."""
-    if terminated:
-        return length
-    h = mc_horizon(gamma, tail)
-    return max(0, length - h) if h != math.inf else 0
 
 
 class Interrupted(Exception):
@@ -540,20 +521,3 @@ class Checkpointer:
     def save(self, trainer: "Trainer") -> None:
         atomic_save({"trainer": trainer.state_dict(), "extra": self.extra()}, self.path)
         self.committed(trainer.step)
-
-
-def save_checkpoint(path: Path, agent: Agent, step: int, eval_return: float | None,
-                    seed_index: int = 0) -> None:
-    """The agent's whole state (all seeds of the process) and which seed this file is for."""
-    atomic_save({"agent": agent.state_dict(), "step": step, "eval_return": eval_return,
-                 "seed_index": seed_index}, path)
-
-
-def write_eval_csv(path: Path, evaluations: list[EvalRecord]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        n = max(len(e.returns) for e in evaluations) if evaluations else 0
-        w.writerow(["step", "return_mean", "return_std", *[f"return_{i}" for i in range(n)]])
-        for e in evaluations:
-            w.writerow([e.step, f"{e.mean:.4f}", f"{e.std:.4f}", *[f"{r:.4f}" for r in e.returns]])

@@ -143,7 +143,7 @@ def test_q_overestimation_against_hand_computed_returns():
     import numpy as np
     import torch
 
-    from qvpo.train import discounted_returns, mc_horizon, q_bias_states
+    from qvpo.observers import discounted_returns, mc_horizon, q_bias_states
 
     np.testing.assert_allclose(discounted_returns(np.array([1.0, 2.0, 3.0]), 0.5), [1 + 0.5 * (2 + 0.5 * 3), 2 + 1.5, 3.0])
     assert mc_horizon(0.5) == 7 and mc_horizon(0.99) == 459  # 0.5^7 < 0.01 <= 0.5^6
@@ -161,13 +161,14 @@ def test_q_overestimation_against_hand_computed_returns():
 
     trainer.agent.q_estimate = fake_q
     rewards = [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    trainer.episode[1] = ([np.full(3, t, np.float32) for t in range(10)], [np.zeros(1, np.float32)] * 10, rewards)
-    out = trainer._q_bias(1, terminated=False)  # truncated: the first 10 - 7 = 3 states count
+    trainer.q_bias.episode[1] = ([np.full(3, t, np.float32) for t in range(10)], [np.zeros(1, np.float32)] * 10,
+                                rewards)
+    out = trainer.q_bias.on_episode_end(trainer, 1, terminated=False)  # truncated: the first 10 - 7 = 3 states count
     g = discounted_returns(np.array(rewards), 0.5)[:3]
     assert out["q/overestimation"] == pytest.approx(5.0 - g.mean())
     assert out["q/mc_return"] == pytest.approx(g.mean())
     assert seen["obs"].shape == (2, 3, 3) and seen["obs"][1, 2, 0] == 2.0 and seen["obs"][0].abs().sum() == 0
-    assert trainer.episode[1] == ([], [], [])
+    assert trainer.q_bias.episode[1] == ([], [], [])
     trainer.close()
     assert math.isfinite(out["q/overestimation"])
 

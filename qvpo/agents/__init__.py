@@ -21,4 +21,13 @@ ALGORITHMS: dict[str, str] = {
     "random": "Random",  # uniform actions: the 0 of normalised scores
 }
 
-__all__ = ["Agent", "OnPolicyAgent", "QVPO", "SAC", "TD3", "PPO", "SPO", "DIPO", "QSM", "Random", "ALGORITHMS"]
+__all__ = ["Agent", "OnPolicyAgent", "agent_class", "QVPO", "SAC", "TD3", "PPO", "SPO", "DIPO", "QSM", "Random", "ALGORITHMS"]
+
+
+def agent_class(name: str) -> type:
+    """The agent class of an --algo name ('qvpo' -> QVPO)."""
+    from qvpo.errors import ConfigError
+
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
+    return globals()[ALGORITHMS[name]]
