@@ -1076,6 +1076,39 @@ def _log(client, experiment_id: str, report_dir: Path, runs: list[Run], agg: lis
     return rid
 
 
+def provenance_rows(client, runs: list[Run]) -> list[dict]:
+    """Where and with what each run was made: commit, results version, host, device, torch, and
+    its wall time (MLflow's start to end; a resumed run's includes the time it was stopped)."""
+    rows = []
+    for r in runs:
+        info = client.get_run(r.run_id)
+        t = info.data.tags
+        start, end = info.info.start_time, info.info.end_time
+        rows.append({"run_id": r.run_id, "algo": r.algo, "env_id": r.env_id, "seed": r.seed,
+                     "git_commit": t.get("git_commit", ""), "results_version": r.results_version,
+                     "host": t.get("host", ""), "device": t.get("device", ""), "torch": t.get("version.torch", ""),
+                     "resumed_at_step": t.get("qvpo.resumed_at_step", ""),
+                     "wall_minutes": round((end - start) / 60000, 1) if start and end else math.nan})
+    return rows
+
+
+def provenance_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    commits = sorted({r["git_commit"] for r in rows})
+    L = ["", "## Provenance", "",
+         f"Commit(s): {', '.join(f'`{c}`' for c in commits)}; results version(s): "
+         f"{', '.join(sorted({str(r['results_version']) for r in rows}))}; host(s): "
+         f"{', '.join(sorted({r['host'] for r in rows}))}; device(s): {', '.join(sorted({r['device'] for r in rows}))}; "
+         f"torch {', '.join(sorted({r['torch'] for r in rows}))}. Every run's package list is its artifact "
+         "`environment/packages.txt`; its operative config, `config.gin`. Wall time per run (MLflow start to end):", "",
+         "| algorithm | task | seed | wall min | resumed at step |", "|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['algo']} | {task_name(r['env_id'])} | {r['seed']} | {_f(r['wall_minutes'])} | "
+                 f"{r['resumed_at_step'] or '-'} |")
+    return "\n".join(L) + "\n"
+
+
 def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out_dir: Path,
                  log_to_mlflow: bool = True) -> Path:
     """Build the report of one experiment into out_dir/<experiment>/ and return that directory.
@@ -1188,6 +1221,10 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
     with open(report_dir / "table.md", "a") as f:
         f.write(compute_markdown(compute))
     gradvar_report(client, runs, report_dir)  # only when runs logged gradvar/* (open_weight_variance)
+    provenance = provenance_rows(client, runs)
+    _write_csv(report_dir / "provenance.csv", provenance)
+    with open(report_dir / "table.md", "a") as f:
+        f.write(provenance_markdown(provenance))
     if log_to_mlflow:
         _log(client, exp.experiment_id, report_dir, runs, agg)
     return report_dir
