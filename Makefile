@@ -8,18 +8,25 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench ui clean reproduce-table1 reproduce-ablation-entropy-T \
+.PHONY: install lock demo test test-lowest test-slow bench ui clean reproduce-table1 reproduce-cpu-scale reproduce-ablation-entropy-T \
 	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
 	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Everything but torch within requirements.lock (the environment the committed figures were made
+# with); pyproject.toml keeps the supported ranges. `make lock` rewrites the lock from .venv.
+$(STAMP): pyproject.toml Makefile requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c requirements.lock
 	touch $(STAMP)
+
+lock: install
+	{ sed -n '1,/^[^#]/{/^#/p}' requirements.lock; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -iv '^torch=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 # The main job for a new user: QVPO learns Pendulum-v1 at reduced settings (gin/demo.gin), logged to MLflow.
 demo: install
@@ -60,6 +67,12 @@ reproduce-table1: install
 		$(if $(ENVS),--envs $(ENVS)) $(if $(ALGOS),--algos $(ALGOS))
 	$(BIN)/qvpo report table1 --paper reproduce/table1/paper.csv
 
+# The reduced protocol whose results are committed (reproduce/cpu_scale/README.md): QVPO, SAC, TD3
+# on Hopper-v5 and Walker2d-v5, 3 seeds, 20k env steps, two runs at a time; then its report.
+reproduce-cpu-scale: install
+	$(BIN)/qvpo sweep reproduce/cpu_scale/sweep.gin --backend $(BACKEND) --workers 2
+	$(BIN)/qvpo report cpu_scale --paper reproduce/table1/paper.csv --out reproduce/cpu_scale/results
+
 # The paper's ablations (same overrides): each a sweep of QVPO variants, then its report.
 SWEEP_FLAGS = --backend $(BACKEND) --workers $(WORKERS) $(if $(STEPS),--steps $(STEPS)) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ENVS),--envs $(ENVS))
@@ -93,3 +106,20 @@ ui: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
+
+# The unit tests (as `make test`) against the lowest versions pyproject.toml admits: every direct
+# dependency, and the dev extra's, pinned to its floor (tools/lowest_constraints.py), in a venv of
+# its own. torch is the exception: it stays at TORCH_SPEC, the only build checked here.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_BIN  := $(LOWEST_VENV)/bin
+LOWEST_TXT  := $(LOWEST_VENV)/lowest.txt
+
+test-lowest:
+	test -x $(LOWEST_BIN)/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_BIN)/python -m pip install --quiet --upgrade pip
+	$(LOWEST_BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(LOWEST_BIN)/python tools/lowest_constraints.py > $(LOWEST_TXT)
+	$(LOWEST_BIN)/python -m pip install --quiet -e ".[dev]" -c $(LOWEST_TXT)
+	@echo "Installed (direct dependencies at their floors):"
+	@$(LOWEST_BIN)/python -m pip freeze | grep -iE "^(torch|$$(sed -n 's/==.*//p' $(LOWEST_TXT) | paste -sd'|'))=="
+	$(LOWEST_BIN)/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)

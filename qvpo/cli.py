@@ -161,7 +161,7 @@ def sweep(args: argparse.Namespace) -> int:
           f"{counts['new']} to start, {counts['resume']} to resume, {counts['skip']} finished")
     for label, table in (("this machine (CPU)", spec.steps_per_s), ("one GPU", spec.gpu_steps_per_s)):
         hours = sw.estimate_hours(todo, args.workers, table)
-        if hours is not None:
+        if hours is not None and table:
             when = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
             print(f"  estimate on {label}, {args.workers} at a time: {when} "
                   f"(env steps/s per algorithm, from the spec: {table})")
