@@ -1088,7 +1088,7 @@ def provenance_rows(client, runs: list[Run]) -> list[dict]:
                      "git_commit": t.get("git_commit", ""), "results_version": r.results_version,
                      "host": t.get("host", ""), "device": t.get("device", ""), "torch": t.get("version.torch", ""),
                      "resumed_at_step": t.get("qvpo.resumed_at_step", ""),
-                     "wall_minutes": round((end - start) / 60000, 1) if start and end else math.nan})
+                     "wall_s": round((end - start) / 1000, 1) if start and end else math.nan})
     return rows
 
 
@@ -1104,7 +1104,7 @@ def provenance_markdown(rows: list[dict]) -> str:
          "`environment/packages.txt`; its operative config, `config.gin`. Wall time per run (MLflow start to end):", "",
          "| algorithm | task | seed | wall min | resumed at step |", "|---|---|---|---|---|"]
     for r in rows:
-        L.append(f"| {r['algo']} | {task_name(r['env_id'])} | {r['seed']} | {_f(r['wall_minutes'])} | "
+        L.append(f"| {r['algo']} | {task_name(r['env_id'])} | {r['seed']} | {_f(r['wall_s'] / 60)} | "
                  f"{r['resumed_at_step'] or '-'} |")
     return "\n".join(L) + "\n"
 

@@ -166,7 +166,7 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
     provenance = list(csv.DictReader(open(out_dir / "provenance.csv")))  # commit, version, wall time per run
     assert len(provenance) == 6 and all(row["git_commit"] == r.data.tags["git_commit"] for row in provenance
                                         for r in runs if r.info.run_id == row["run_id"])
-    assert all(float(row["wall_minutes"]) > 0 for row in provenance) and "## Provenance" in (out_dir / "table.md").read_text()
+    assert all(float(row["wall_s"]) > 0 for row in provenance) and "## Provenance" in (out_dir / "table.md").read_text()
     # compute overhead: time per env step by phase, from the runs' own metrics
     compute = {row["algo"]: row for row in csv.DictReader(open(out_dir / "compute.csv"))}
     # time-weighted over the learning phase: the windows after the 100-step warm-up, all 100 steps long
