@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,14 +44,17 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
         env: str | None = None, steps: int | None = None, seed: int | None = None,
         experiment: str | None = None, tracking_uri: str | None = None, device: str | None = None,
         quiet: bool = False, tags: dict[str, str] | None = None, checkpoint_dir: str | Path = "checkpoints",
-        resume: str | Path | None = None, handle_signals: bool = True) -> RunOutcome:
+        resume: str | Path | None = None, handle_signals: bool | None = None) -> RunOutcome:
     """Train one agent on one task (one MLflow run per seed) and return the outcome.
 
     gin_files, bindings, algo: as `qvpo train --gin/--bind/--algo` (with algo, its
     gin/algos/<algo>.gin is parsed first). env, steps, seed, experiment, tracking_uri, device: the
     shorthands (bindings under other names, applied last). resume: an MLflow run id or a
     checkpoint path; the run continues with its own config (only tracking_uri, checkpoint_dir and
-    quiet apply). Raises ConfigError for bad input, before any run exists.
+    quiet apply: a given tracking_uri replaces the checkpoint's, for a store that moved; the run's
+    files stay where its checkpoint is). handle_signals: SIGINT/SIGTERM checkpoint and stop the run
+    (None = when called from the main thread, where Python allows signal handlers). Raises
+    ConfigError for bad input, before any run exists.
     """
     import gin
 
@@ -68,7 +72,8 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     resumed = load_resume(resume, tracking_uri) if resume is not None else None
     if resumed is not None:
         extra = resumed["extra"]
-        config.parse_text(extra["config"], [f"MlflowTracker.tracking_uri = {extra['tracking_uri']!r}"]
+        uri = tracking_uri or extra["tracking_uri"]
+        config.parse_text(extra["config"], [f"MlflowTracker.tracking_uri = {uri!r}"]
                           + (["Trainer.progress = False"] if quiet else []))
     else:
         all_bindings = list(bindings) + config.shorthand_bindings(
@@ -104,6 +109,8 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
                           f"package or a gin file changed while the sweep ran? Re-run the sweep")
     N = len(trainer.seeds)
     started: list[MlflowTracker] = []
+    if handle_signals is None:
+        handle_signals = threading.current_thread() is threading.main_thread()
     handlers = _stop_on_signals(trainer) if handle_signals else {}
     out_dirs: list[Path] = []
     ckpt_path = None

@@ -109,6 +109,9 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
     seeds = sweep.seeds if seeds is None else seeds
     require_int(steps, "sweep steps (--steps)", 1)
     require_int(seeds, "sweep seeds (--seeds)", 1)
+    for b in (*sweep.bindings, *bindings, *(x for _, vb in sweep.variants.values() for x in vb)):
+        require(not b.replace(" ", "").startswith(("Trainer.seed=", "Trainer.seeds_per_process=")),
+                f"sweep binding {b!r}: a sweep sets each run's seed itself (Sweep.seeds / --seeds), not by binding")
     for a in algos:
         require(a in ALGORITHMS and a != "random",
                 f"unknown algorithm {a!r} in the sweep; expected some of {', '.join(sorted(set(ALGORITHMS) - {'random'}))}")
@@ -157,17 +160,26 @@ def identify(runs: list[RunSpec]) -> None:
     from qvpo.train import Trainer
 
     cells: dict[tuple, str] = {}
+    labels: dict[str, str] = {}
     for r in runs:
         key = (r.algo, tuple(r.gin_files), tuple(b for b in r.bindings if not b.startswith("Trainer.seed =")))
         if key not in cells:
-            config.parse(r.gin_files, [*r.bindings, "Trainer.progress = False"], algo=r.algo)
-            try:
+            trainer = None
+            try:  # on CPU: the device is not part of the identity, and the planner may have no GPU
+                config.parse(r.gin_files, [*r.bindings, "Trainer.progress = False", "Trainer.device = 'cpu'"],
+                             algo=r.algo)
                 trainer = Trainer()
-            except ConfigError as e:
+            except (ConfigError, ValueError, TypeError, KeyError) as e:
                 raise ConfigError(f"{r.label}: {one_line(e)}") from None
+            finally:
+                if trainer is not None:
+                    trainer.close()
             cells[key] = identity.cell_identity()
-            trainer.close()
         r.identity = identity.run_identity(cells[key], r.seed)
+        other = labels.setdefault(r.identity, r.label)
+        if other != r.label:
+            raise ConfigError(f"{other!r} and {r.label!r} are the same run (same operative config): a variant "
+                              f"that changes nothing would share its runs; drop one or make them differ")
 
 
 def existing_runs(tracking_uri: str, experiment: str) -> dict[str, object]:
@@ -221,12 +233,17 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
         for r, action, rid in todo:
             _log_start(log, r, action, rid)
             futures[pool.submit(run_child, _command(sweep, r, action, rid, tracking_uri, checkpoint_dir),
-                                log_path(checkpoint_dir, sweep, r), tracking_uri, r.identity)] = r
-        for future in as_completed(futures):
-            r = futures[future]
-            rc, last = future.result()
-            results.append((r, rc))
-            _log_progress(log, r, rc, last, log_path(checkpoint_dir, sweep, r), len(results), len(todo), t0)
+                                log_path(checkpoint_dir, sweep, r), tracking_uri, r.identity,
+                                sweep.experiment, rid if action == "resume" else None)] = r
+        try:
+            for future in as_completed(futures):
+                r = futures[future]
+                rc, last = future.result()
+                results.append((r, rc))
+                _log_progress(log, r, rc, last, log_path(checkpoint_dir, sweep, r), len(results), len(todo), t0)
+        except BaseException:  # Ctrl-C: start nothing more (the running children get the signal too)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results
 
 
@@ -239,38 +256,45 @@ def child_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "qvpo", *args]
 
 
-def run_child(args: list[str], log_file: Path, tracking_uri: str, run_identity: str | None) -> tuple[int, str]:
+def run_child(args: list[str], log_file: Path, tracking_uri: str, run_identity: str | None,
+              experiment: str | None = None, run_id: str | None = None) -> tuple[int, str]:
     """Run `qvpo train ARGS` with its stdout and stderr written to log_file (never to a pipe, which
     a chatty child would fill and block on), then attach the whole log to the run as the
     artifact logs/<run identity>.log. Returns the exit status and the log's last line."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    started_ms = int(time.time() * 1000) - 1000
     with open(log_file, "ab") as out:
         out.write(f"$ qvpo {' '.join(args)}\n".encode())
         out.flush()
         rc = subprocess.run(child_command(args), stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL).returncode
     if run_identity:
-        attach_log(tracking_uri, run_identity, log_file)
+        attach_log(tracking_uri, run_identity, log_file, experiment, run_id, started_ms)
     return rc, _last_line(log_file)
 
 
-def attach_log(tracking_uri: str, run_identity: str, log_file: Path) -> None:
-    """Log the file under artifacts logs/ of the newest run with that identity (a child that
-    failed before creating its run has none: the file stays where it is)."""
+def attach_log(tracking_uri: str, run_identity: str, log_file: Path, experiment: str | None = None,
+               run_id: str | None = None, started_ms: int = 0) -> None:
+    """Log the file under artifacts logs/ of its run: `run_id` (a resumed run), else the run with
+    that identity the child created in `experiment` (started after `started_ms`). A child that
+    failed before creating its run has none: the file stays where it is."""
     try:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
-        found = _find_run(client, run_identity)
+        found = run_id or _find_run(client, run_identity, experiment, started_ms)
         if found is not None:
             client.log_artifact(found, str(log_file), "logs")
     except Exception as e:  # noqa: BLE001 - the log stays on disk; say so, never stop the sweep
         print(f"qvpo: warning: could not attach {log_file} to its run: {one_line(e)}", file=sys.stderr)
 
 
-def _find_run(client, run_identity: str) -> str | None:
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"tags.`{identity.IDENTITY_TAG}` = '{run_identity}'",
+def _find_run(client, run_identity: str, experiment: str | None, started_ms: int) -> str | None:
+    exp = client.get_experiment_by_name(experiment) if experiment else None
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`{identity.IDENTITY_TAG}` = '{run_identity}' and "
+                              f"attributes.start_time >= {started_ms}",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
@@ -286,7 +310,7 @@ def _log_start(log, r: RunSpec, action: str, rid: str | None) -> None:
     if action == "resume":
         log(f"resume {r.label} (run {rid})")
     else:
-        log(f"start  {r.label}" + (f" (run {rid} had no checkpoint: restarting)" if rid else ""))
+        log(f"queue  {r.label}" + (f" (run {rid} had no checkpoint: restarting)" if rid else ""))
 
 
 def _log_progress(log, r: RunSpec, rc: int, last: str, log_file: Path, done: int, total: int, t0: float) -> None:
@@ -331,7 +355,7 @@ def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address
         _log_start(log, r, action, rid)
         ref = train_task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run).remote(
             _command(sweep, r, action, rid, tracking_uri, checkpoint_dir), log_path(checkpoint_dir, sweep, r),
-            tracking_uri, r.identity)
+            tracking_uri, r.identity, sweep.experiment, rid if action == "resume" else None)
         pending[ref] = r
     results, t0 = [], time.time()
     try:

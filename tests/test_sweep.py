@@ -243,3 +243,14 @@ def test_local_pool_survives_a_child_that_floods_its_output(tmp_path, monkeypatc
         text = sw.log_path(str(tmp_path), spec, r).read_text()
         assert len(text) > 5_000_000 and text.rstrip().endswith("the reason it failed")
     assert sum("FAILED (exit 3): the reason it failed" in m for m in messages) == 2
+
+
+def test_sweep_refuses_seed_bindings_and_variants_that_are_the_same_run(tmp_path):
+    spec = sw.load_spec(_spec(tmp_path), [])
+    with pytest.raises(ConfigError, match="sets each run's seed itself"):
+        sw.expand(spec, bindings=["Trainer.seed = 3"])
+    (tmp_path / "v.gin").write_text(SPEC + "Sweep.variants = {'QVPO': ('qvpo', ()), "
+                                    "'same': ('qvpo', ('QVPO.gamma = 0.99',))}\nSweep.random_baseline = False\n")
+    runs = sw.expand(sw.load_spec(str(tmp_path / "v.gin"), []))
+    with pytest.raises(ConfigError, match="'QVPO Pendulum-v1 seed 0' and 'same Pendulum-v1 seed 0' are the same run"):
+        sw.identify(runs)
