@@ -101,11 +101,11 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     algo_name = type(trainer.agent).__name__
     params, config_str = flat_params(), gin.operative_config_str()
     cell = identity.cell_identity()
-    planned = extra_tags.get(identity.PLANNED_TAG)
-    if resumed is None and planned and planned != identity.run_identity(cell, trainer.seeds[0]):
+    planned, built = extra_tags.get(identity.PLANNED_TAG), identity.run_identity(cell, trainer.seeds[0])
+    if resumed is None and planned and planned != built:
         trainer.close()
         raise ConfigError(f"this run builds another config than its sweep planned (identity "
-                          f"{identity.run_identity(cell, trainer.seeds[0])}, planned {planned}): was the "
+                          f"{built}, planned {planned}): was the "
                           f"package or a gin file changed while the sweep ran? Re-run the sweep")
     N = len(trainer.seeds)
     started: list[MlflowTracker] = []
@@ -184,9 +184,8 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     for tracker in trackers:
         tracker.end("FINISHED")
     shutil.rmtree(run_dir, ignore_errors=True)  # uploaded to MLflow; a finished run is not resumed
-    done = outcome("FINISHED", 0, results=results)
-    done.checkpoint = None
-    return done
+    ckpt_path = None
+    return outcome("FINISHED", 0, results=results)
 
 
 def load_resume(target: str | Path, tracking_uri: str | None) -> dict:

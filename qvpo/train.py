@@ -32,8 +32,7 @@ from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.checkpoint import atomic_save
 from qvpo.envs import check_env_id, env_dims, get_env_state, make_env, set_env_state
 from qvpo.errors import ConfigError, require, require_int
-from qvpo.observers import (ArtifactWriter, Observer, QBiasObserver, discounted_returns,  # noqa: F401
-                            mc_horizon, q_bias_states, save_checkpoint, write_eval_csv)
+from qvpo.observers import ArtifactWriter, Observer, QBiasObserver
 from qvpo.rng import eval_env_seeds
 from qvpo.rollout import RolloutBuffer
 from qvpo.timing import PhaseTimer
