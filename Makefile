@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install lock demo test test-lowest test-slow bench ui clean reproduce-table1 reproduce-cpu-scale reproduce-ablation-entropy-T \
 	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
-	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance
+	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance reproduce-open-mpo
 
 install: $(STAMP)
 
@@ -44,14 +44,18 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow --durations=15 $(PYTEST_ARGS)
 
-# Speed benchmarks (pytest-benchmark): JSON in benchmarks/results/, a markdown table on stdout.
-# Installs stable-baselines3 (optional extra `sb3`, torch kept at TORCH_SPEC) for the SB3 comparison.
+# Speed benchmarks (pytest-benchmark): JSON in benchmarks/results/ (not committed); the tables, with
+# a provenance line (commit, machine, torch, this command), written to docs/speed-results.md (the
+# generated file docs/speed.md links to) and printed. The session header says which sampler path
+# runs (native fused / native / torch ops) and why. PYTEST_ARGS (e.g. -k) runs a subset; the
+# provenance line's command says so (table.py reads it from the environment: make exports it). Installs stable-baselines3 (optional extra `sb3`, torch kept at
+# TORCH_SPEC) for the SB3 comparison.
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[dev,sb3]" $(TORCH_SPEC)
 	mkdir -p benchmarks/results
 	$(BIN)/python -m pytest benchmarks --benchmark-only \
 		--benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
-	$(BIN)/python benchmarks/table.py benchmarks/results/latest.json | tee benchmarks/results/latest.md
+	$(BIN)/python benchmarks/table.py benchmarks/results/latest.json --out docs/speed-results.md
 
 # The paper's Table 1: the sweep (skips finished runs, resumes interrupted ones), then the report.
 # Overrides: STEPS=, SEEDS=, ENVS="Hopper-v5 Ant-v5", ALGOS="qvpo sac", BACKEND=local, WORKERS=2.
@@ -99,6 +103,9 @@ reproduce-open-components: install
 reproduce-open-weight-variance: install
 	$(BIN)/qvpo sweep reproduce/open_weight_variance/sweep.gin $(SWEEP_FLAGS)
 	$(BIN)/qvpo report open_weight_variance
+reproduce-open-mpo: install
+	$(BIN)/qvpo sweep reproduce/open_mpo/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_mpo --paper reproduce/table1/paper.csv
 
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install

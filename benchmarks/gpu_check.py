@@ -15,6 +15,7 @@ import gin
 import torch
 
 import qvpo.config  # noqa: F401
+from qvpo.agents.base import AgentContext
 from qvpo.agents.qvpo import QVPO
 from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.rng import init_generators
@@ -55,7 +56,7 @@ def main():
         for n in args.seeds:
             gin.clear_config()
             gin.parse_config([f"DiffusionPolicy.precision = '{precision}'"])
-            agent = QVPO(OBS, ACT, device=dev, seeds=tuple(range(n)))
+            agent = QVPO(AgentContext(OBS, ACT, seeds=tuple(range(n)), device=dev))
             buf = buffers(n, dev)
             t_up = timed(lambda: agent.update(buf, 20_000), 10)
             obs = torch.randn(n, 1, OBS, device=dev)

@@ -1,7 +1,7 @@
 """QVPO at the paper's settings on Hopper-v5 dimensions (obs 11, action 3): constructor defaults =
 gin/algos/qvpo.gin (batch 256, Nd 64, T 20, Kb = Kt = 4, eval K 32, 3 x 256 Mish networks).
 
-Run with `make bench`; numbers go to docs/speed.md with the machine and command they ran on.
+Run with `make bench`: it writes the numbers, with the machine and command, to docs/speed-results.md.
 """
 
 import time
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from qvpo.agents.base import AgentContext
 from qvpo.agents.qvpo import QVPO
 from qvpo.agents.sac import SAC
 from qvpo.buffers import ReplayBuffer, SeedBuffers
@@ -35,7 +36,7 @@ def agent_and_buffer():
 def _agent(precision="fp32", scoring="fp32", compile=False, native=True) -> QVPO:
     """QVPO at the paper's settings with these sampler and scoring modes (policy and its target,
     critic and its target alike)."""
-    agent = QVPO(OBS, ACT, device="cpu")
+    agent = QVPO(AgentContext(OBS, ACT, device="cpu"))
     for pol in (agent.policy, agent.policy_target):
         pol.precision, pol.compile, pol.native = precision, compile, native
     for critic in (agent.critic, agent.critic_target):
@@ -45,7 +46,10 @@ def _agent(precision="fp32", scoring="fp32", compile=False, native=True) -> QVPO
 
 def test_qvpo_update_paper_settings(benchmark, agent_and_buffer):
     agent, buf = agent_and_buffer
-    benchmark.extra_info["what"] = "one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32, native kernels (the default)"
+    from qvpo import native
+
+    path = native.describe().split(":")[0].split(" (")[0]  # native fused, native or torch ops
+    benchmark.extra_info["what"] = f"one QVPO update: B 256, Nd 64, T 20, Kt 4, 3x256 Mish, fp32, the default here: {path}"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=5, warmup_rounds=1)
 
 
@@ -126,7 +130,7 @@ def test_qvpo_eval_action_k32(benchmark, agent_and_buffer):
 
 
 def test_sac_update(benchmark):
-    agent = SAC(OBS, ACT, device="cpu")  # the paper's settings: batch 256, 2 x 256 ReLU
+    agent = SAC(AgentContext(OBS, ACT, device="cpu"))  # the paper's settings: batch 256, 2 x 256 ReLU
     buf = _buffers()
     benchmark.extra_info["what"] = "one SAC update: batch 256, 2x256 ReLU, fp32"
     benchmark.pedantic(agent.update, args=(buf, 20_000), rounds=50, warmup_rounds=3)

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--paper", help="the paper's numbers (csv: env,algo,mean,std): a path, or the shipped "
                         "reproduce/table1/paper.csv")
     r.add_argument("--out", default="reports", help="reports go to OUT/<experiment>/")
+    r.add_argument("--spec", help="sweep spec (a gin file, or a shipped spec's name) whose Sweep.treatment and "
+                                  "column order the report uses; default: those the experiment's sweep recorded "
+                                  "in its tags, else QVPO and the paper's order")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print links to the runs")
     u.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -188,7 +191,8 @@ def report(args: argparse.Namespace) -> int:
     from qvpo.tracking import resolve_tracking_uri
 
     paper = find_file(args.paper, "paper table") if args.paper else None  # a path, or a shipped one
-    out = build_report(args.experiment, resolve_tracking_uri(args.tracking_uri), paper, Path(args.out))
+    out = build_report(args.experiment, resolve_tracking_uri(args.tracking_uri), paper, Path(args.out),
+                       spec=args.spec)
     print((out / "table.md").read_text())
     print(f"report written to {out}")
     return 0

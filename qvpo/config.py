@@ -13,13 +13,16 @@ from pathlib import Path
 import gin
 
 # importing these registers their configurables with gin
-import qvpo.adaptive_k  # noqa: F401
 import qvpo.agents  # noqa: F401
 import qvpo.buffers  # noqa: F401
 import qvpo.diffusion  # noqa: F401
 import qvpo.envs  # noqa: F401
 import qvpo.nets  # noqa: F401
 import qvpo.optim  # noqa: F401
+import qvpo.research.adaptive_entropy  # noqa: F401
+import qvpo.research.adaptive_k  # noqa: F401
+import qvpo.research.gradient_variance  # noqa: F401
+import qvpo.research.mpo  # noqa: F401
 import qvpo.schedules  # noqa: F401
 import qvpo.tracking  # noqa: F401
 import qvpo.train  # noqa: F401

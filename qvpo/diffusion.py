@@ -4,11 +4,18 @@ Follows the QVPO / DIPO reference code (wadx2019/qvpo@40a1974 agent/diffusion.py
 line in docs/paper-notes.md#diffusion-model-and-networks): epsilon-prediction, cosine beta
 schedule (s = 0.008, betas clipped to 0.999), predicted x0 clamped to [-1, 1] while sampling, no
 noise at the last step (t = 0), final action clamped to [-1, 1].
+
+`ddpm_sample_reference` is the sampler's specification: DDPM ancestral sampling written as a
+plain loop. Every faster way `DiffusionPolicy.sample` has of computing it (torch ops in cache
+blocks, the native per-layer and fused kernels, torch.compile) is tested against it
+(tests/test_sampler_spec.py), and it is the path taken for denoisers that have no fast path
+(QSM's ScoreNet).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import gin
 import torch
@@ -122,9 +129,91 @@ def denoise_step_native(x, sp, step_bias, W_a, hidden, biases32, out_t, c, z, cl
     return posterior_step(x, native_mlp_tail(h, hidden, biases32, out_t, bufs[1:]), c, z, clip_x0)
 
 
+@dataclass(frozen=True)
+class EpsStep:
+    """The reverse step as Algorithm 2 of DDPM prints it, with sigma_t^2 = beta_t (the first of
+    the two variances of Ho et al. 2020, Sec. 3.2) and no x0 prediction: QSM's reference sampler
+    (jaxrl5 ddpm_sampler, see qvpo/agents/qsm.py):
+      x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps_theta(x_t, t)) / sqrt(alpha_t) + temperature sqrt(beta_t) z.
+
+    temperature: scale of the step noise (1 = DDPM).
+    clip_x: clamp x_{t-1} to [-1, 1] after every step.
+    repeat_last_step: M, the t = 0 step (no noise) taken M more times at the end.
+
+    Two details keep QSM's numbers as they were before it sampled through DiffusionPolicy: its
+    noise is drawn as that reference's loop draws it, one randn(R, A) per step (x_T first; the
+    default step draws all of it in one randn(T, R, A) call, which gives other numbers), and
+    ab_t is the schedule's float32 alpha_bar (harmless with the VP schedule's large betas).
+    """
+    temperature: float = 1.0
+    clip_x: bool = True
+    repeat_last_step: int = 0
+
+    def __post_init__(self):
+        require(self.temperature >= 0, f"EpsStep.temperature must be >= 0, got {self.temperature}")
+        require_int(self.repeat_last_step, "EpsStep.repeat_last_step (M)", 0)
+
+
+@torch.no_grad()
+def ddpm_sample_reference(denoiser: nn.Module, schedule: NoiseSchedule, states: torch.Tensor, n: int,
+                          noise: torch.Tensor, clip_x0: bool = True,
+                          eps_step: EpsStep | None = None) -> torch.Tensor:
+    """The sampler's specification: DDPM ancestral sampling (Ho et al. 2020, arXiv 2006.11239,
+    Algorithm 2) as a plain loop, one call of the whole denoiser per step.
+
+    states (N, B, S) -> actions (N, B, n, A), row b*n + j = candidate j of state b; noise
+    (N, T, B*n, A) = x_T, then the z of steps T-1 .. 1 (the last step adds none). The paper counts
+    steps T..1; here t = T-1..0 indexes the schedule (beta_t = schedule.betas[t]). The constants
+    are host floats computed in float64 from the schedule's betas: with float32 alpha_bar,
+    1 - alpha_bar_t would keep few digits where beta_t is small (DIPO's T = 100: beta_0 = 3e-4).
+
+    The default step is the QVPO / DIPO reference's: predict x0 from eps_theta (eq. 15 solved
+    for x0), clamp it to [-1, 1] if clip_x0, step to the mean of the posterior q(x_{t-1} | x_t, x0)
+    and add its standard deviation times z (eqs. 6-7). Without the clamp that is Algorithm 2's
+    line 4 with sigma_t^2 = beta~_t, the posterior variance. `eps_step` takes line 4 as printed
+    instead (QSM; see EpsStep). The final action is clamped to [-1, 1].
+    """
+    N, B, _ = states.shape
+    T = schedule.T
+    s = states.repeat_interleave(n, dim=1)
+    betas64 = schedule.betas.double()
+    betas, alpha_bar = betas64.tolist(), torch.cumprod(1.0 - betas64, 0).tolist()  # alpha_bar_t = prod (1 - beta)
+    alpha_bar32 = schedule.alpha_bar.tolist()
+
+    def step(x: torch.Tensor, t: int, z: torch.Tensor | None) -> torch.Tensor:
+        eps = denoiser(x, t, s, T)  # eps_theta(x_t, t), every row at step t
+        beta, ab = betas[t], alpha_bar[t]
+        if eps_step is not None:
+            ab = alpha_bar32[t]  # QSM's sampler takes the float32 alpha_bar: kept, so are its numbers
+            # line 4: x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps) + sigma_t z
+            x = (x - beta / math.sqrt(1.0 - ab) * eps) / math.sqrt(1.0 - beta)
+            if z is not None:
+                x = x + math.sqrt(beta) * eps_step.temperature * z
+            return x.clamp(-1.0, 1.0) if eps_step.clip_x else x
+        ab_prev = alpha_bar[t - 1] if t > 0 else 1.0
+        # eq. (4) x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, solved for x0 (eq. 15)
+        x0 = (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        # eq. (7): q(x_{t-1} | x_t, x0) has mean c0 x0 + ct x_t and variance beta~_t
+        c0 = math.sqrt(ab_prev) * beta / (1.0 - ab)
+        ct = math.sqrt(1.0 - beta) * (1.0 - ab_prev) / (1.0 - ab)
+        mean = c0 * x0 + ct * x
+        return mean if z is None else mean + math.sqrt(beta * (1.0 - ab_prev) / (1.0 - ab)) * z
+
+    x = noise[:, 0]  # line 1: x_T ~ N(0, I)
+    for t in reversed(range(T)):  # line 2
+        x = step(x, t, noise[:, T - t] if t > 0 else None)  # line 3: z ~ N(0, I), none at the last step
+    for _ in range(eps_step.repeat_last_step if eps_step is not None else 0):
+        x = step(x, 0, None)
+    return x.clamp(-1.0, 1.0).view(N, B, n, -1)
+
+
 # T is the algorithm's (QVPO.T = 20, DIPO.T = 100): each agent passes its own, and binding
-# DiffusionPolicy.T is an error rather than a value one of them would silently ignore
-@gin.configurable(denylist=["T"])
+# DiffusionPolicy.T is an error rather than a value one of them would silently ignore. The
+# denoiser and the step rule are objects an agent builds (QSM), not settings: left out of gin, so
+# they never enter the operative config (nor, through it, the run identity; qvpo/identity.py)
+@gin.configurable(denylist=["T", "denoiser", "eps_step"])
 class DiffusionPolicy(nn.Module):
     """A conditional DDPM over actions in [-1, 1]^A, one per seed (leading seed dimension N).
 
@@ -144,27 +233,45 @@ class DiffusionPolicy(nn.Module):
         fuses Mish and the adds around the matmuls; costs a compilation at the first call of each
         shape. Off by default and in tests.
       native: on CPU, run the first layer and Mish in the native kernels of
-        qvpo/native (built with the machine's C compiler on first use; torch ops where none
-        works). Same maths; False = torch ops only. With precision='bf16' the kernels compute in
+        qvpo/native (torch.library ops built by torch's extension builder on first use; on by
+        default only where measured faster, qvpo.native.default_on; torch ops elsewhere or where
+        the build fails). Same maths; False = torch ops only. With precision='bf16' the kernels compute in
         float32 and round their outputs to bfloat16 once. Not used with compile.
       fused: with native, run the whole sampler in one native call where the CPU allows it
         (float32: AVX-512; bf16: AMX-BF16, Intel Sapphire Rapids and later): blocks of chains
         through all T steps with their activations in cache, each hidden layer's bias and Mish
         applied to its matmul's results while in registers (qvpo/native/sampler.c). Same maths;
         needs hidden widths all equal and a multiple of 32 (else the per-layer kernels run).
+      denoiser: the noise model eps_theta (not a gin parameter); None = a `Denoiser` (gin-configured,
+        initialised from `generators`). Any nn.Module called as
+          denoiser(a_t, t, s, T) -> eps (N, R, A)
+        with a_t (N, R, A) noised actions, s (N, R, S) states, T the number of steps, and t the
+        step: a Python int when every row is at the same step (the sampler), else an (N, R)
+        integer tensor (the loss); steps count 0..T-1, 0 the last sampling step. N is the seed
+        dimension: each seed's rows go through that seed's network. The speed paths above
+        exist for `Denoiser` only; any other denoiser samples by `ddpm_sample_reference`.
+      eps_step: None = the step above (x0 predicted and clamped, posterior mean and std);
+        an `EpsStep` = Algorithm 2's step as printed, with its own clipping and noise draws
+        (QSM's sampler; then clip_x0 must be False). Not a gin parameter.
     """
 
-    def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator],
+    def __init__(self, state_dim: int, action_dim: int, generators: list[torch.Generator] | None,
                  T: int = 20, schedule: str = "cosine", clip_x0: bool = True,
                  precision: str = "fp32", block_rows: int | None = None, compile: bool = False,
-                 native: bool = True, fused: bool = True):
+                 native: bool = True, fused: bool = True, denoiser: nn.Module | None = None,
+                 eps_step: EpsStep | None = None):
         super().__init__()
         require(precision in ("fp32", "bf16"), f"DiffusionPolicy.precision must be 'fp32' or 'bf16', got {precision!r}")
         if block_rows is not None:
             require_int(block_rows, "DiffusionPolicy.block_rows", 1)
+        require(denoiser is not None or generators is not None,
+                "DiffusionPolicy needs generators to initialise its Denoiser (or a denoiser)")
+        require(eps_step is None or not clip_x0,
+                "DiffusionPolicy: eps_step has no x0 to clamp; pass clip_x0=False (EpsStep.clip_x clips x)")
         self.action_dim, self.state_dim = action_dim, state_dim
         self.schedule = NoiseSchedule(T, schedule)
-        self.denoiser = Denoiser(state_dim, action_dim, generators)
+        self.denoiser = Denoiser(state_dim, action_dim, generators) if denoiser is None else denoiser
+        self.eps_step = eps_step
         self.clip_x0, self.precision, self.block_rows = clip_x0, precision, block_rows
         self.compile, self.native, self.fused = compile, native, fused
 
@@ -177,8 +284,8 @@ class DiffusionPolicy(nn.Module):
                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw n actions per state: states (N, B, S) -> (N, B, n, A); row b*n + j = candidate j of b.
 
-        The same maths as a plain DDPM loop over `self.denoiser` (tests/test_diffusion.py holds
-        one and compares), arranged for speed:
+        The maths of `ddpm_sample_reference` (tests/test_sampler_spec.py compares every path
+        with it); for a `Denoiser` with the default step it is arranged for speed:
         * the first layer W [a_t, temb_t, s] + b is split: W_s s once per state, W_t temb_t + b
           once per step, only W_a a_t (A columns) per row;
         * chains are independent, so blocks of `block_rows` rows run through all T steps while
@@ -188,12 +295,20 @@ class DiffusionPolicy(nn.Module):
           DDPM update itself stays float32); `compile=True` fuses each step's elementwise work.
         Noise comes from `rng` (one stream per seed), else torch's global generator, drawn for all
         rows and steps at once, so the samples of a seed do not depend on `block_rows` or on
-        whether the native kernels run; `noise`, if given, is (N, T, B*n, A): the initial x_T,
-        then the noise of steps T-1 .. 1.
+        whether the native kernels run (with `eps_step`: one draw per step, see EpsStep);
+        `noise`, if given, is (N, T, B*n, A): the initial x_T, then the noise of steps T-1 .. 1.
         """
         N, B, S = states.shape
         A, T = self.action_dim, self.T
         den = self.denoiser
+        if noise is None and rng is not None and self.eps_step is not None:
+            # one draw per step, as QSM's reference loop makes them: the same numbers as drawing
+            # them while sampling, since nothing else draws from rng in between
+            noise = torch.stack([rng.randn(B * n, A) for _ in range(T)], dim=1)
+        if self.eps_step is not None or not isinstance(den, Denoiser):  # no fast path for these
+            if noise is None:
+                noise = torch.randn(N, T, B * n, A, device=states.device)
+            return ddpm_sample_reference(den, self.schedule, states, n, noise, self.clip_x0, self.eps_step)
         first, *rest = den.linears
         W_a, W_t, W_s = first.weight.split([A, den.time_dim, S], dim=1)   # (N, ., H) each
         step_bias = torch.baddbmm(first.bias, den.step_embeddings(T), W_t)  # (N, T, H)

@@ -2,7 +2,7 @@
 
 QVPO already draws Nd candidates per state for its policy step; their k-nearest-neighbour
 distances give an estimate of the entropy of the policy at that state, with no extra sampling
-(used by qvpo.schedules.AdaptiveEntropyWeight and logged as `entropy/estimate`).
+(used by qvpo.research.adaptive_entropy.AdaptiveEntropyWeight and logged as `entropy/estimate`).
 """
 
 from __future__ import annotations

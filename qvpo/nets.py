@@ -164,10 +164,14 @@ class Denoiser(nn.Module):
         t = torch.arange(T, device=self.time_mlp[0].weight.device)
         return self.time_mlp(sinusoidal_embedding(t, self.time_dim).expand(N, T, -1))
 
-    def forward(self, a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, T: int) -> torch.Tensor:
-        """a_t (N, R, A), t (N, R) integer steps in [0, T), s (N, R, S) -> predicted noise (N, R, A)."""
+    def forward(self, a_t: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor, T: int) -> torch.Tensor:
+        """a_t (N, R, A), t (N, R) integer steps in [0, T) or one int step for every row,
+        s (N, R, S) -> predicted noise (N, R, A) (DiffusionPolicy's denoiser contract)."""
         temb = self.step_embeddings(T)
-        temb = torch.gather(temb, 1, t[..., None].expand(-1, -1, self.time_dim))
+        if isinstance(t, int):  # every row at step t (a sampler's call)
+            temb = temb[:, t, None, :].expand(-1, a_t.shape[1], -1)
+        else:
+            temb = torch.gather(temb, 1, t[..., None].expand(-1, -1, self.time_dim))
         return self.body(torch.cat([a_t, temb, s], dim=-1))
 
 

@@ -50,8 +50,14 @@ class Sweep:
         the 0 of the report's normalised scores.
       variants: named variants of an algorithm for ablations, {name: (algo, (bindings...))}: each
         runs like an algorithm of `algos` with its bindings added and is tagged `variant=name`
-        (the report groups by variant; name the paper's default 'QVPO' so it is the treatment
-        every other variant is compared with).
+        (the report groups by variant). A spec with variants runs them instead of `algos`.
+      treatment: the report's column every other column is compared with: a variant's name, or an
+        algorithm (its --algo name 'qvpo' or its label 'QVPO'); None = the first algorithm (or
+        variant) of the spec.
+      columns: the order of the report's columns (labels as above); None = the order of `algos`
+        (or `variants`); columns it leaves out follow in that order. The sweep records the order
+        and the treatment in its experiment's tags when it starts (record_layout), where
+        `qvpo report` reads them.
       steps_per_s: measured env steps per second per algorithm (for --dry-run's estimate);
         `gpu_steps_per_s` the same for one GPU where measured or estimated.
     """
@@ -65,6 +71,8 @@ class Sweep:
     bindings: tuple = ()
     random_baseline: bool = True
     variants: dict = field(default_factory=dict)
+    treatment: str | None = None
+    columns: tuple | None = None
     steps_per_s: dict = field(default_factory=dict)
     gpu_steps_per_s: dict = field(default_factory=dict)
 
@@ -103,6 +111,7 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
     """The runs of a sweep, with the command line's overrides; checks every name first."""
     from qvpo.agents import ALGORITHMS
 
+    layout(sweep)  # a treatment or column the spec does not have is an error now, before any run
     algos = list(algos or (() if sweep.variants else sweep.algos))
     envs = list(envs or sweep.envs)
     steps = sweep.steps if steps is None else steps
@@ -138,6 +147,57 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
                     binds.append(f"Trainer.eval_every = {run_steps}")
                 runs.append(RunSpec(algo, env, seed, run_steps, files, binds, name if name != algo else None))
     return runs
+
+
+def layout(sweep: Sweep) -> tuple[list[str], str | None]:
+    """The report's columns in order and its treatment, as the spec gives them (checked).
+
+    A column is a label, as the report groups runs: a variant's name, or an algorithm's agent
+    name (the MLflow tag `algo`: 'qvpo' -> 'QVPO'). The spec's columns are its variants if it has
+    any (they run instead of `algos`), else its algorithms; `Sweep.columns` orders them (those it
+    leaves out follow in spec order); the treatment is `Sweep.treatment`, else the first of the
+    spec's algorithms or variants. The random baseline is never a column (the report puts it last).
+    Either may name an algorithm by its --algo name. A name that is not one of the spec's columns
+    is a ConfigError. A spec of neither algorithms nor variants has no columns: ([], None)."""
+    from qvpo.agents import ALGORITHMS
+
+    spec_columns = list(sweep.variants) if sweep.variants else [ALGORITHMS.get(a, a) for a in sweep.algos]
+
+    def label(name, what: str) -> str:
+        if name in spec_columns:
+            return name
+        if isinstance(name, str) and ALGORITHMS.get(name) in spec_columns:
+            return ALGORITHMS[name]
+        raise ConfigError(f"sweep {sweep.name!r}: {what} {name!r} is not one of the spec's columns "
+                          f"({', '.join(spec_columns)}: its {'variants' if sweep.variants else 'algorithms'})")
+
+    require(sweep.columns is None or isinstance(sweep.columns, (tuple, list)),
+            f"sweep {sweep.name!r}: Sweep.columns must be a tuple of column names, got {sweep.columns!r}")
+    order = [label(c, "Sweep.columns entry") for c in (sweep.columns or ())]
+    require(len(set(order)) == len(order), f"sweep {sweep.name!r}: Sweep.columns names a column twice: {order}")
+    order += [c for c in spec_columns if c not in order]
+    if sweep.treatment is not None:
+        return order, label(sweep.treatment, "Sweep.treatment")
+    return order, spec_columns[0] if spec_columns else None  # None: the random baseline alone
+
+
+def record_layout(sweep: Sweep, tracking_uri: str) -> None:
+    """Record the report's layout in the sweep's experiment (created if missing): the tags
+    qvpo.columns (JSON list), qvpo.treatment and qvpo.layout_sweep (the sweep's name), read by
+    `qvpo report` (qvpo.report.layout), which may run elsewhere with only the store. The latest
+    sweep into an experiment sets them."""
+    import json
+
+    from qvpo.report.layout import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG
+    from qvpo.tracking import MlflowTracker
+
+    columns, treatment = layout(sweep)
+    if treatment is None:
+        return  # no columns to order
+    tracker = MlflowTracker(sweep.experiment, tracking_uri)
+    experiment_id = tracker.check()
+    for key, value in ((COLUMNS_TAG, json.dumps(columns)), (TREATMENT_TAG, treatment), (LAYOUT_SWEEP_TAG, sweep.name)):
+        tracker.client.set_experiment_tag(experiment_id, key, value)
 
 
 def _bound_agent(binding: str) -> str | None:
@@ -227,6 +287,7 @@ def run_local(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, worke
     """Run the planned items, `workers` processes at a time (a thread pool, each thread waiting on
     one child); returns (run, exit status) in the order they end."""
     todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
+    record_layout(sweep, tracking_uri)  # the report's columns and treatment, in the experiment
     results, t0 = [], time.time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {}
@@ -350,6 +411,7 @@ def run_ray(sweep: Sweep, items, tracking_uri: str, checkpoint_dir: str, address
 
     train_task = ray.remote(run_child)
     todo = [(r, a, rid) for r, a, rid in items if a != "skip"]
+    record_layout(sweep, tracking_uri)  # the report's columns and treatment, in the experiment
     pending = {}
     for r, action, rid in todo:
         _log_start(log, r, action, rid)

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.checkpoint import atomic_save
-from qvpo.envs import check_env_id, env_dims, get_env_state, make_env, set_env_state
+from qvpo.envs import (EnvStateNotRestorable, check_env_id, discrete_actions, env_dims, get_env_state, make_env,
+                       set_env_state)
 from qvpo.errors import ConfigError, require, require_int
 from qvpo.observers import ArtifactWriter, Observer, QBiasObserver
 from qvpo.rng import eval_env_seeds
@@ -220,8 +221,8 @@ class Trainer:
         if isinstance(agent, str):
             from qvpo.agents import agent_class  # the registry, by --algo name
             agent = agent_class(agent)
-        self.agent = agent(obs_dim=obs_dim, action_dim=action_dim, device=self.device,
-                           total_steps=self.total_steps, timer=self.timer, seeds=tuple(self.seeds))
+        self.agent = agent(AgentContext(obs_dim, action_dim, tuple(self.seeds), self.device,
+                                        self.total_steps, self.timer, discrete_actions(self.envs[0])))
         self.warmup_steps = self.agent.warmup_steps if warmup_steps is None else warmup_steps
         if not self.agent.baseline:
             from qvpo.config import check_agent_bindings  # (config imports this module)
@@ -260,14 +261,19 @@ class Trainer:
         N, E = len(self.seeds), self.eval_episodes
         obs = np.stack([[env.reset()[0] for env in envs] for envs in self.eval_envs])  # (N, E, S)
         returns = np.zeros((N, E))
+        success = np.full((N, E), np.nan)
         running = np.ones((N, E), dtype=bool)
         while running.any():
             batch = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
             actions = self.agent.act(batch, explore=False).cpu().numpy()  # finished envs' are unused
             for k, i in zip(*np.nonzero(running)):
-                obs[k, i], r, term, trunc, _ = self.eval_envs[k][i].step(actions[k, i])
+                obs[k, i], r, term, trunc, info = self.eval_envs[k][i].step(actions[k, i])
                 returns[k, i] += float(r)
                 running[k, i] = not (term or trunc)
+                if not running[k, i] and "is_success" in info:  # the task's flag at the episode's end
+                    success[k, i] = float(info["is_success"])
+        # per seed, the success rate of the episodes (None where the task defines no success)
+        self.eval_success = [None if np.isnan(s).any() else float(s.mean()) for s in success]
         return returns.tolist()
 
     # ------------------------------------------------------------------ the loops
@@ -345,9 +351,10 @@ class Trainer:
         N = len(self.seeds)
         rewards = np.zeros(N)
         terminated, truncated = np.zeros(N, dtype=bool), np.zeros(N, dtype=bool)
+        self._infos = [{}] * N
         with self.timer.phase("env"):
             for k, env in enumerate(self.envs):
-                self._next_obs[k], rewards[k], terminated[k], truncated[k], _ = env.step(actions[k])
+                self._next_obs[k], rewards[k], terminated[k], truncated[k], self._infos[k] = env.step(actions[k])
         return rewards, terminated, truncated, terminated | (truncated & self.truncation_is_terminal)
 
     def _end_of_step(self, step: int, actions, rewards, terminated, truncated) -> None:
@@ -361,6 +368,8 @@ class Trainer:
             if terminated[k] or truncated[k]:
                 self.results[k].episodes.append((step, self.ep_return[k]))
                 metrics = {"train/episode_return": self.ep_return[k], "train/episode_length": self.ep_len[k]}
+                if "is_success" in self._infos[k]:  # the task's success flag at the episode's end
+                    metrics["train/success"] = float(self._infos[k]["is_success"])
                 for observer in self._observers:
                     metrics.update(observer.on_episode_end(self, k, bool(terminated[k])))
                 self.agent.observe_episode(k, metrics)
@@ -383,8 +392,11 @@ class Trainer:
                 record = EvalRecord(step, returns[k])
                 is_best = self.results[k].best_eval is None or record.mean > self.results[k].best_eval
                 self.results[k].evaluations.append(record)
-                self._logs[k]({"eval/return_mean": record.mean, "eval/return_std": record.std,
-                               "eval/return_best": self.results[k].best_eval}, step)
+                metrics = {"eval/return_mean": record.mean, "eval/return_std": record.std,
+                           "eval/return_best": self.results[k].best_eval}
+                if self.eval_success[k] is not None:
+                    metrics["eval/success_rate"] = self.eval_success[k]
+                self._logs[k](metrics, step)
                 for observer in self._observers:
                     observer.on_evaluation(self, k, record, is_best)
             self._bar.set_postfix(eval=" ".join(f"{r.evaluations[-1].mean:.1f}" for r in self.results), refresh=False)
@@ -439,8 +451,12 @@ class Trainer:
         else:
             for buf, b in zip(self.buffers.buffers, state["buffers"]):
                 buf.load_state_dict(b)
-        for env, e in zip(self.envs, state["envs"]):
-            set_env_state(env, e)
+        restart = []  # seeds whose env cannot continue its episode exactly (Box2D): a new episode
+        for k, (env, e) in enumerate(zip(self.envs, state["envs"])):
+            try:
+                set_env_state(env, e)
+            except EnvStateNotRestorable:
+                restart.append(k)
         for envs, rngs in zip(self.eval_envs, state["eval_env_rngs"]):
             for env, r in zip(envs, rngs):
                 env.unwrapped.np_random.bit_generator.state = r
@@ -448,6 +464,13 @@ class Trainer:
         self.ep_return, self.ep_len = list(state["ep_return"]), list(state["ep_len"])
         if self.q_bias is not None:
             self.q_bias.load_state_dict(state.get("episode"))
+        if restart and self.obs is not None:
+            print(f"qvpo: {self.env_id} cannot restore its simulator state exactly; the episode restarts")
+            for k in restart:
+                self.obs[k], _ = self.envs[k].reset()
+                self.ep_return[k], self.ep_len[k] = 0.0, 0
+                if self.q_bias is not None:
+                    self.q_bias.episode[k] = ([], [], [])
         self.results = state["results"]
         sums, counts = state["acc"]
         if not isinstance(counts, dict):  # checkpoints before per-metric counts: one count for all

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from qvpo.adaptive_k import BiasKt, SpreadKb
+from qvpo.agents.base import AgentContext
+from qvpo.research.adaptive_k import BiasKt, SpreadKb
 from qvpo.errors import ConfigError
 
 
@@ -49,8 +50,8 @@ def test_qvpo_moves_kb_and_kt_with_its_rules_and_checkpoints_them():
     from test_qvpo_agent import filled_buffers
 
     kw = dict(batch_size=8, train_candidates=4)
-    agent = QVPO(3, 2, seeds=(0,), behavior_rule=SpreadKb(initial=4, low=-1.0, high=-0.5, momentum=1.0, patience=1),
-                 target_rule=BiasKt(initial=4, momentum=1.0, patience=1), **kw)
+    rules = [SpreadKb(initial=4, low=-1.0, high=-0.5, momentum=1.0, patience=1), BiasKt(initial=4, momentum=1.0, patience=1)]
+    agent = QVPO(AgentContext(3, 2, seeds=(0,)), hooks=rules, **kw)
     buffers = filled_buffers((0,))
     agent.update(buffers, step=1)  # any spread is above a negative band: Kb up one value
     assert agent.Kb == 8
@@ -61,8 +62,9 @@ def test_qvpo_moves_kb_and_kt_with_its_rules_and_checkpoints_them():
     agent.observe_episode(0, {"q/overestimation": 80.0, "q/mc_return": 100.0})
     assert agent.Kt == 2
     state = agent.state_dict()
-    other = QVPO(3, 2, seeds=(0,), behavior_rule=SpreadKb(), target_rule=BiasKt(), **kw)
+    other_rules = [SpreadKb(), BiasKt()]
+    other = QVPO(AgentContext(3, 2, seeds=(0,)), hooks=other_rules, **kw)
     other.load_state_dict(state)
-    assert (other.Kb, other.Kt) == (16, 2) and other.target_rule.signal == agent.target_rule.signal
+    assert (other.Kb, other.Kt) == (16, 2) and other_rules[1].signal == rules[1].signal
     with pytest.raises(ConfigError, match="seeds_per_process = 1"):
-        QVPO(3, 2, seeds=(0, 1), behavior_rule=SpreadKb(), **kw)
+        QVPO(AgentContext(3, 2, seeds=(0, 1)), hooks=[SpreadKb()], **kw)

@@ -6,7 +6,9 @@ from pathlib import Path
 import gin
 import pytest
 
+from qvpo.agents import ALGORITHMS, agent_class
 from qvpo.cli import main
+from test_agent_contract import tiny_bindings
 
 TINY = ["--bind", "Trainer.warmup_steps = 100", "--bind", "Trainer.eval_every = 150",
         "--bind", "Trainer.eval_episodes = 2", "--bind", "Trainer.log_every = 50",
@@ -147,33 +149,17 @@ def test_seeds_per_process_make_one_mlflow_run_per_seed(tmp_path, monkeypatch, c
 
 
 # tiny settings per algorithm (each run: Pendulum-v1, 300 env steps, two evaluations)
-ALGO_TINY = {
-    "qvpo": ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4",
-             "QVPO.T = 3", "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
-    "sac": ["SAC.batch_size = 16", "SAC.hidden = (16, 16)"],
-    "td3": ["TD3.batch_size = 16", "TD3.hidden = (16, 16)", "Trainer.warmup_steps = 100"],
-    "dipo": ["DIPO.batch_size = 16", "DIPO.action_gradient_steps = 2", "DIPO.T = 3",
-             "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)"],
-    "qsm": ["QSM.batch_size = 16", "QSM.actor_hidden = (16, 16)", "QSM.critic_hidden = (16, 16)",
-            "QSM.time_dim = 8", "QSM.time_hidden = (16, 16)"],
-    "ppo": ["PPO.rollout_steps = 100", "PPO.minibatch_size = 50", "PPO.epochs = 2"],
-    "spo": ["SPO.rollout_steps = 100", "SPO.minibatch_size = 50", "SPO.epochs = 2", "SPO.actor_hidden = (16, 16)"],
-    "random": [],
-}
 OFF_POLICY_WARMUP = ["Trainer.warmup_steps = 100", "ReplayBuffer.capacity = 1000"]
 
 
-@pytest.mark.parametrize("algo", sorted(ALGO_TINY))
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
 def test_every_algorithm_writes_the_same_mlflow_record(tmp_path, monkeypatch, capsys, algo):
     """`qvpo train --algo X` with X's own gin file: the same metric names for the same quantities."""
     from mlflow.tracking import MlflowClient
 
-    from qvpo.agents import ALGORITHMS
-
-    assert set(ALGO_TINY) == set(ALGORITHMS)  # a new algorithm gets a row here
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    binds = (OFF_POLICY_WARMUP if algo not in ("ppo", "spo") else []) + ALGO_TINY[algo] + [
+    binds = ([] if agent_class(algo).on_policy else OFF_POLICY_WARMUP) + tiny_bindings(algo) + [
         "Trainer.eval_every = 150", "Trainer.eval_episodes = 2", "Trainer.log_every = 100"]
     rc = main(["train", "--algo", algo, "--env", "Pendulum-v1", "--steps", "300", "--tracking-uri", uri,
                "--device", "cpu", "--quiet", *[x for b in binds for x in ("--bind", b)]])

@@ -63,6 +63,8 @@ def test_gin_file_restates_the_constructor_defaults(algo):
         for name, value in params.items():
             if selector.endswith("Trainer") and name == "agent":
                 continue  # the choice of algorithm itself
+            if selector.endswith(".SPO"):
+                continue  # SPO's settings live only in its file (test_spo_settings_live_in_its_gin_file)
             if isinstance(value, gin_config.ConfigurableReference):
                 if defaults[name] is None:
                     continue  # a `None = X()` default (QVPO.q_weight: QAdv()): the docstring says which
@@ -75,7 +77,21 @@ def test_gin_file_restates_the_constructor_defaults(algo):
                                         getattr(value, "__name__", "")), \
                 f"{selector}.{name}: gin file {value!r} != code default {default!r}"
             checked += 1
-    assert checked >= (3 if algo == "random" else 12)
+    assert checked >= (3 if algo in ("random", "spo") else 12)
+
+
+def test_spo_settings_live_in_its_gin_file():
+    """SPO's constructor is PPO's: built without spo.gin it would run PPO's settings, so it refuses;
+    with the file every one of its settings is bound there."""
+    from qvpo.agents import SPO
+    from qvpo.agents.base import AgentContext
+    from qvpo.agents.spo import SETTINGS
+
+    with pytest.raises(ConfigError, match="spo.gin"):
+        SPO(AgentContext(3, 2))
+    config.parse(["algos/spo.gin"], [])
+    assert set(gin_config._CONFIG[("", "qvpo.agents.spo.SPO")]) == set(SETTINGS)
+    assert SPO(AgentContext(3, 2)).minibatch_size == 512  # the SPO reference's, not PPO's 64
 
 
 def _operative(gin_files, algo=None):

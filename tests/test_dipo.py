@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from qvpo.agents.base import AgentContext
 from qvpo.agents.dipo import DIPO, action_gradient, clip_grad_per_seed_
 from qvpo.buffers import Batch
 from qvpo.errors import ConfigError
 from qvpo.nets import TwinQ
 from qvpo.rng import init_generators
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import assert_seed_slices_match, filled_buffers, update_batched_and_alone
+from test_qvpo_agent import filled_buffers
 
 
 class QuadraticCritic(nn.Module):
@@ -82,7 +83,7 @@ def test_clip_caps_each_seeds_action_gradient_norm(tiny):
     assert torch.equal(clip_grad_per_seed_(before.clone(), None), norms)
 
     # the agent's cap is ratio * |A| (reference: action_dim * ratio)
-    assert DIPO(3, 6, action_grad_ratio=0.1, batch_size=4).action_grad_norm == pytest.approx(0.6)
+    assert DIPO(AgentContext(3, 6), action_grad_ratio=0.1, batch_size=4).action_grad_norm == pytest.approx(0.6)
 
 
 def test_ascent_equals_torch_adam_with_clip_grad_norm_per_seed():
@@ -111,7 +112,7 @@ def test_ascent_equals_torch_adam_with_clip_grad_norm_per_seed():
 
 def tiny_dipo(seeds=(0,), **kw):
     kw = {"batch_size": 8, **kw}
-    return DIPO(3, 2, seeds=seeds, **kw)
+    return DIPO(AgentContext(3, 2, seeds=seeds), **kw)
 
 
 def test_update_writes_improved_actions_back(tiny):
@@ -186,27 +187,6 @@ def test_target_policy_is_an_ema_with_tau_every_k_updates(tiny):
         torch.testing.assert_close(t, (1 - tau) * t1 + tau * o)
 
 
-def test_batched_seeds_equal_separate_runs(tiny):
-    seeds = (2, 3)
-    kw = dict(action_gradient_steps=4)
-    batched, alone, bufs, singles, m, _ = update_batched_and_alone(lambda s: tiny_dipo(s, **kw), seeds, 3)
-    obs = torch.randn(2, 5, 3)
-    batched.begin_evaluation(7)
-    act_b = batched.act(obs, explore=False)
-    assert_seed_slices_match(batched, alone, ("policy", "policy_target", "critic", "critic_target"))
-    for k, (a, b) in enumerate(zip(alone, singles)):
-        # the diffusion buffers got the same improved actions
-        slots = bufs[k].stored_slots()
-        torch.testing.assert_close(bufs[k].improved_pairs(slots)[1], b[0].improved_pairs(slots)[1],
-                                   rtol=1e-5, atol=1e-5)
-        a.begin_evaluation(7)
-        torch.testing.assert_close(act_b[k], a.act(obs[k:k + 1], explore=False)[0], rtol=1e-5, atol=1e-5)
-    expected = {"loss/critic", "loss/actor", "q/mean", "q/target_mean", "grad/critic_norm", "grad/actor_norm",
-                "dipo/action_q_gain", "dipo/action_change", "dipo/action_grad_norm"}
-    assert expected <= set(m) and all(v.shape == (2,) for v in m.values())
-    assert batched.act(obs, explore=True).shape == (2, 5, 2)
-
-
 def test_acting_and_evaluation_streams(tiny):
     agent = tiny_dipo((0, 1))
     obs = torch.randn(2, 6, 3)
@@ -221,18 +201,6 @@ def test_acting_and_evaluation_streams(tiny):
     assert all(torch.equal(a, b) for a, b in zip(train_state, agent.rng.state_dict()))  # untouched
     explore = agent.act(obs, explore=True)
     assert explore.shape == (2, 6, 2) and explore.abs().max() <= 1 and first.abs().max() <= 1
-
-
-def test_state_dict_round_trip(tiny):
-    a, b = tiny_dipo(update_actor_target_every=2), tiny_dipo(update_actor_target_every=2, seeds=(5,))
-    bufs = filled_buffers()
-    a.update(bufs, 1)
-    b.load_state_dict(copy.deepcopy(a.state_dict()))
-    assert b.seeds == [0] and b.num_updates == 1
-    ma, mb = a.update(filled_buffers(), 2), b.update(filled_buffers(), 2)
-    torch.testing.assert_close(ma["loss/actor"], mb["loss/actor"])
-    for pa, pb in zip(a.policy_target.parameters(), b.policy_target.parameters()):
-        torch.testing.assert_close(pa, pb)
 
 
 def test_bad_settings_are_config_errors(tiny):

@@ -53,6 +53,7 @@ if _MISSING:
 
 import gin  # noqa: E402
 
+from qvpo.agents.base import AgentContext
 from qvpo import native  # noqa: E402
 from qvpo.agents import qvpo as qvpo_module  # noqa: E402
 from qvpo.agents.qvpo import QVPO, row_weights  # noqa: E402
@@ -272,7 +273,8 @@ def kernels(variant: str):
             mp.setattr(native, "_lib", None)
             mp.setattr(native, "_tried", True)
         elif native.library() is None:
-            pytest.skip("the native kernels are unavailable here (no C compiler, or QVPO_NATIVE=0): "
+            pytest.skip("the native kernels are unavailable here (off by default on this platform, no C++ "
+                        "compiler or ninja, or QVPO_NATIVE=0): "
                         "only the torch-ops variant runs")
         for name in ("sample_fused", "first_layer_mish", "mlp_fused", "mish", "mish_backward"):
             real = getattr(native, name)
@@ -386,7 +388,7 @@ Q_SCALE = 1e5  # the critics' output weights: |Q| ~ 3000 at these inputs
 
 def make_ours(batch_size: int, **kw) -> QVPO:
     gin.clear_config()
-    agent = QVPO(obs_dim=S, action_dim=A, seeds=(0,), T=T, batch_size=batch_size, total_steps=TOTAL, **kw)
+    agent = QVPO(AgentContext(S, A, seeds=(0,), total_steps=TOTAL), T=T, batch_size=batch_size, **kw)
     with torch.no_grad():  # biases nonzero (the init zeroes them: a bias mapped wrongly would pass)
         g = torch.Generator().manual_seed(5)
         for net in (agent.policy, agent.critic):
@@ -1014,7 +1016,7 @@ def test_defaults_match_the_reference_parser():
     """QVPO's defaults are main.py's parser defaults run with --weighted --aug
     (wadx2019/qvpo@40a1974 main.py L16-L100)."""
     gin.clear_config()
-    agent = QVPO(obs_dim=S, action_dim=A)
+    agent = QVPO(AgentContext(S, A))
     assert ARGS.weighted and ARGS.aug and ARGS.q_transform == "qadv" and ARGS.chosen == 1
     assert ARGS.policy_type == "Diffusion" and ARGS.beta_schedule == "cosine" and not ARGS.gradient
     assert (agent.policy.T, agent.batch_size, agent.gamma, agent.tau) == (ARGS.n_timesteps, ARGS.batch_size, ARGS.gamma, ARGS.tau)
@@ -1046,7 +1048,7 @@ def test_documented_differences():
     """
     facts = main_loop_facts(ROOT)
     gin.clear_config()
-    agent = QVPO(obs_dim=S, action_dim=A)
+    agent = QVPO(AgentContext(S, A))
     assert facts.start_steps == agent.warmup_steps == 10_000
     assert facts.after_step_increment and facts.update_test == "steps >= start_steps"
     assert facts.update_block == ["agent.train", "agent.entropy_alpha"], facts.update_block  # train, then omega

@@ -5,6 +5,7 @@ with fp32 within stated tolerances."""
 import pytest
 import torch
 
+from qvpo.agents.base import AgentContext
 from qvpo import native
 
 from qvpo.agents.qvpo import QVPO
@@ -28,7 +29,7 @@ def test_bf16_sampler_keeps_chosen_q_and_loss(monkeypatch, scoring, kernels):
     if not kernels:
         monkeypatch.setattr(native, "usable", lambda t: False)
     torch.manual_seed(0)
-    agent = QVPO(11, 3, seeds=(0,), batch_size=64)  # paper-size networks, Hopper dimensions
+    agent = QVPO(AgentContext(11, 3, seeds=(0,)), batch_size=64)  # paper-size networks, Hopper dimensions
     # give the critic a Q landscape with real structure over actions (random init is nearly flat)
     with torch.no_grad():
         for p in agent.critic.parameters():
@@ -68,7 +69,7 @@ def test_bf16_scoring_ranks_like_fp32(monkeypatch, kernels):
     if not kernels:
         monkeypatch.setattr(native, "usable", lambda t: False)
     torch.manual_seed(1)
-    agent = QVPO(11, 3, seeds=(0,), batch_size=64)
+    agent = QVPO(AgentContext(11, 3, seeds=(0,)), batch_size=64)
     with torch.no_grad():
         for p in agent.critic.parameters():
             p.mul_(3.0)

@@ -1,21 +1,23 @@
-import copy
 import math
 
+import gin
 import numpy as np
 import torch
 from torch import nn
 
-from qvpo.agents.qsm import QSM, FourierTimeFeatures, cosine_decay, ddpm_sample
+from qvpo.agents.base import AgentContext
+from qvpo.agents.qsm import QSM, FourierTimeFeatures, cosine_decay
 from qvpo.buffers import Batch
+from qvpo.diffusion import ddpm_sample_reference
 from qvpo.rng import SeedRNG, init_generators
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import assert_seed_slices_match, filled_buffers, update_batched_and_alone
+from test_qvpo_agent import filled_buffers
 
 SMALL = dict(batch_size=8, actor_hidden=(16, 16), critic_hidden=(16, 16), time_dim=8, time_hidden=(16, 16))
 
 
-def small(**kw) -> QSM:
-    return QSM(3, 2, **{**SMALL, **kw})
+def small(seeds=(0,), **kw) -> QSM:
+    return QSM(AgentContext(3, 2, seeds=tuple(seeds)), **{**SMALL, **kw})
 
 
 class OneBatch:
@@ -32,11 +34,12 @@ def test_vp_schedule_is_the_reference_formula():
     agent = small()  # T = 5, 'vp' by default
     T, b_min, b_max = 5, 0.1, 10.0
     betas = [1 - math.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2) for t in range(1, T + 1)]
-    np.testing.assert_allclose(agent.betas, betas, rtol=1e-6)
-    assert abs(agent.betas[0] - (1 - math.exp(-0.218))) < 1e-6  # t = 1: 0.02 + 0.5 * 9.9 / 25
-    assert abs(agent.betas[-1] - (1 - math.exp(-1.802))) < 1e-6  # t = 5: 0.02 + 0.5 * 9.9 * 9 / 25
-    np.testing.assert_allclose(agent.alpha_bar, np.cumprod(1 - np.array(betas)), rtol=1e-5)
-    np.testing.assert_allclose(agent.schedule.alpha_bar.numpy(), agent.alpha_bar, rtol=1e-6)
+    got = agent.schedule.betas.tolist()
+    np.testing.assert_allclose(got, betas, rtol=1e-6)
+    assert abs(got[0] - (1 - math.exp(-0.218))) < 1e-6  # t = 1: 0.02 + 0.5 * 9.9 / 25
+    assert abs(got[-1] - (1 - math.exp(-1.802))) < 1e-6  # t = 5: 0.02 + 0.5 * 9.9 * 9 / 25
+    np.testing.assert_allclose(agent.schedule.alpha_bar.numpy(), np.cumprod(1 - np.array(betas)), rtol=1e-5)
+    assert agent.policy.schedule is agent.schedule  # the sampler's schedule also noises the actor loss's actions
 
 
 def test_fourier_time_features():
@@ -53,13 +56,13 @@ def test_fourier_time_features():
     big.reset_parameters(init_generators([0]))
     assert 0.19 < big.kernel.std().item() < 0.21  # N(0, 0.2^2), as the reference
     # the agent's defaults: 64 learnable features -> 128 -> 128
-    agent = QSM(3, 2, actor_hidden=(16,), critic_hidden=(16,))
+    agent = QSM(AgentContext(3, 2), actor_hidden=(16,), critic_hidden=(16,))
     assert agent.actor.time_features.kernel.requires_grad
     assert any(p is agent.actor.time_features.kernel for p in agent.actor.parameters())
     t = torch.randint(0, 5, (1, 7))
     assert agent.actor.time_features(t).shape == (1, 7, 64)
     assert agent.actor.time_embedding(t).shape == (1, 7, 128)
-    assert agent.actor(torch.zeros(1, 7, 2), torch.zeros(1, 7, 3), t).shape == (1, 7, 2)
+    assert agent.actor(torch.zeros(1, 7, 2), t, torch.zeros(1, 7, 3), agent.T).shape == (1, 7, 2)
 
 
 class KnownCritic(nn.Module):
@@ -80,7 +83,7 @@ class ConstantEps(nn.Module):
         super().__init__()
         self.b = nn.Parameter(torch.tensor(b).view(1, 1, -1))
 
-    def forward(self, a_t, s, t):
+    def forward(self, a_t, t, s, T):
         return self.b.expand_as(a_t)
 
 
@@ -94,7 +97,7 @@ def test_actor_loss_matches_the_closed_form_score_target():
     t = torch.tensor([[0, 2, 4]])
     loss, g, eps_pred = agent.actor_loss(torch.zeros(1, 3, 3), a, t, eps)
 
-    ab = torch.tensor(agent.alpha_bar)[t][..., None]
+    ab = agent.schedule.alpha_bar[t][..., None]
     noisy = ab.sqrt() * a + (1 - ab).sqrt() * eps           # the replay action, noised to step t
     g_hand = 0.5 * (torch.tensor([1.0, -3.0]) - 2 * (noisy - torch.tensor([0.5, 0.0])))  # mean of grad Q1, grad Q2
     torch.testing.assert_close(g, g_hand)
@@ -130,34 +133,65 @@ def test_matched_score_moves_samples_up_the_critic():
 
 
 def test_sampler_steps_hand_computed():
-    agent = small(schedule="linear")
+    """The agent's sampler (its DiffusionPolicy with EpsStep) on eps_theta = 0, by hand."""
+    agent = small(schedule="linear", ddpm_temperature=0.0, clip_sampler=False, repeat_last_step=2)
     body = agent.actor_target.body
     with torch.no_grad():  # eps_theta = 0
         body[-1].weight.zero_()
         body[-1].bias.zero_()
     obs = torch.zeros(1, 6, 3)
-    betas = agent.betas
+    betas, alpha_bar = agent.schedule.betas.tolist(), agent.schedule.alpha_bar.tolist()
     # T = 5, eps = 0, no step noise, no clip: x_0 = x_T / sqrt(prod alpha_t); M = 2 more t = 0 steps
     # divide by sqrt(alpha_0) twice more
     x_T = SeedRNG([0], "cpu").randn(6, 2)
-    out = ddpm_sample(agent.actor_target, betas, agent.alpha_bar, obs, SeedRNG([0], "cpu"),
-                      temperature=0.0, clip_sampler=False, repeat_last_step=2)
-    expected = x_T / math.sqrt(agent.alpha_bar[-1]) / (1 - betas[0])
+    out = agent.sample(obs, SeedRNG([0], "cpu"))
+    expected = x_T / math.sqrt(alpha_bar[-1]) / (1 - betas[0])
     torch.testing.assert_close(out, expected.clamp(-1, 1))
-    # T = 2 with step noise: x_1 = x_2 / sqrt(alpha_1) + sqrt(beta_1) z, x_0 = x_1 / sqrt(alpha_0)
-    agent2 = small(T=2, schedule="linear")
+    # T = 2 with step noise: x_1 = x_2 / sqrt(alpha_1) + sqrt(beta_1) z, x_0 = x_1 / sqrt(alpha_0);
+    # x_2 and z are the stream's first two draws (QSM's reference order)
+    agent2 = small(T=2, schedule="linear", clip_sampler=False)
     with torch.no_grad():
         agent2.actor_target.body[-1].weight.zero_()
         agent2.actor_target.body[-1].bias.zero_()
     rng = SeedRNG([0], "cpu")
     x2, z = rng.randn(6, 2), rng.randn(6, 2)
-    b = agent2.betas
+    b = agent2.schedule.betas.tolist()
     expected = (x2 / math.sqrt(1 - b[1]) + math.sqrt(b[1]) * z) / math.sqrt(1 - b[0])
-    out = ddpm_sample(agent2.actor_target, b, agent2.alpha_bar, obs, SeedRNG([0], "cpu"), clip_sampler=False)
-    torch.testing.assert_close(out, expected.clamp(-1, 1))
+    torch.testing.assert_close(agent2.sample(obs, SeedRNG([0], "cpu")), expected.clamp(-1, 1))
     # clip_sampler keeps every step in [-1, 1]; the VP schedule's large betas need it
-    out = ddpm_sample(agent.actor_target, agent.betas, agent.alpha_bar, obs * 0, SeedRNG([1], "cpu"))
-    assert out.abs().max() <= 1
+    vp = small()
+    assert vp.sample(obs, SeedRNG([1], "cpu")).abs().max() <= 1
+
+
+def test_sampler_is_the_spec_on_the_sampling_actor():
+    """QSM samples with DiffusionPolicy's specification on its sampling actor (not the online
+    one), with its step settings, and one noise draw per step from the given stream."""
+    agent = small(seeds=(0, 1), ddpm_temperature=0.8, repeat_last_step=1)
+    with torch.no_grad():  # tell the two actors apart
+        for p in agent.actor.parameters():
+            p.add_(0.3)
+    obs = torch.randn(2, 5, 3)
+    rng = SeedRNG([3, 4], "cpu")
+    noise = torch.stack([rng.randn(5, 2) for _ in range(agent.T)], dim=1)
+    want = ddpm_sample_reference(agent.actor_target, agent.schedule, obs, 1, noise, False, agent.policy.eps_step)
+    got = agent.sample(obs, SeedRNG([3, 4], "cpu"))
+    assert agent.policy.denoiser is agent.actor_target
+    assert (agent.policy.eps_step.temperature, agent.policy.eps_step.clip_x, agent.policy.eps_step.repeat_last_step) \
+        == (0.8, True, 1)
+    assert got.shape == (2, 5, 2) and torch.equal(got, want[:, :, 0])
+
+
+def test_diffusion_policy_gin_settings_do_not_reach_qsm():
+    """DiffusionPolicy's gin parameters are QVPO's and DIPO's (their Denoiser's speed paths, the
+    x0 clamp): QSM passes every one, so bindings change neither its samples nor its operative
+    config (the run identity)."""
+    obs = torch.randn(1, 4, 3)
+    base = small().sample(obs, SeedRNG([0], "cpu"))
+    plain = gin.operative_config_str()
+    gin.parse_config(["DiffusionPolicy.clip_x0 = True", "DiffusionPolicy.precision = 'bf16'",
+                      "DiffusionPolicy.schedule = 'cosine'", "DiffusionPolicy.block_rows = 1"])
+    assert torch.equal(small().sample(obs, SeedRNG([0], "cpu")), base)
+    assert "DiffusionPolicy." not in plain and "DiffusionPolicy." not in gin.operative_config_str()
 
 
 def test_the_ema_actor_is_the_one_that_samples():
@@ -246,36 +280,6 @@ def test_actor_learning_rate_cosine_decay_per_update():
     agent.update(bufs, 5)  # lr 0 after the horizon: the actor no longer moves
     for p, p0 in zip(agent.actor.parameters(), before):
         torch.testing.assert_close(p, p0)
-
-
-def test_batched_seeds_match_separate_runs():
-    seeds = (2, 3)
-    kw = dict(actor_tau=0.05)
-    batched, alone, _, _, m, _ = update_batched_and_alone(lambda s: small(seeds=s, **kw), seeds, 3)
-    assert_seed_slices_match(batched, alone, ("actor", "actor_target", "critic", "critic_target"))
-    assert m["loss/critic"].shape == (2,) and m["qsm/q_grad_norm"].shape == (2,)
-    obs = torch.randn(2, 4, 3)
-    batched.begin_evaluation(7)
-    for a in alone:
-        a.begin_evaluation(7)
-    acts = batched.act(obs, explore=False)
-    for k, a in enumerate(alone):
-        torch.testing.assert_close(acts[k], a.act(obs[k:k + 1], explore=False)[0], rtol=1e-5, atol=1e-5)
-    assert batched.act(obs, explore=True).shape == (2, 4, 2)
-
-
-def test_state_dict_round_trip_continues_the_same_run():
-    a, b = small(actor_lr_decay_steps=10), small(actor_lr_decay_steps=10, seeds=(5,))
-    bufs_a, bufs_b = filled_buffers(), filled_buffers()
-    for step in (1, 2):
-        a.update(bufs_a, step)
-        bufs_b.sample(8)  # keep b's replay sampling in step with a's
-    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through a checkpoint file: no shared tensors
-    ma, mb = a.update(bufs_a, 3), b.update(bufs_b, 3)
-    assert b.num_updates == a.num_updates == 3 and ma["qsm/actor_lr"] == mb["qsm/actor_lr"]
-    for name in ("actor", "actor_target", "critic", "critic_target"):
-        for p_a, p_b in zip(getattr(a, name).parameters(), getattr(b, name).parameters()):
-            torch.testing.assert_close(p_a, p_b)
 
 
 def test_qsm_learns_pendulum():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from qvpo.agents.base import AgentContext
 from qvpo.agents.qvpo import QVPO, best_of_candidates
 from qvpo.buffers import Batch, ReplayBuffer, SeedBuffers
 from qvpo.errors import ConfigError
@@ -42,30 +43,9 @@ def filled_buffers(seeds=(0,), obs_dim=3, act_dim=2, n=64):
     return SeedBuffers(bufs, list(seeds))
 
 
-def update_batched_and_alone(make, seeds, steps):
-    """The same updates for `seeds` trained together in one agent and for each seed alone, each on
-    its own filled buffers. make(seeds) builds an agent; returns (batched agent, agents alone,
-    buffers of the batched agent, buffers alone, last batched metrics, last metrics alone)."""
-    batched, alone = make(tuple(seeds)), [make((s,)) for s in seeds]
-    buffers, singles = filled_buffers(seeds), [filled_buffers((s,)) for s in seeds]
-    for step in range(1, steps + 1):
-        mb = batched.update(buffers, step)
-        ms = [a.update(b, step) for a, b in zip(alone, singles)]
-    return batched, alone, buffers, singles, mb, ms
-
-
-def assert_seed_slices_match(batched, alone, modules, rtol=1e-5, atol=1e-5):
-    """Seed k's slice of every parameter of each named module equals the lone agent k's."""
-    for k, a in enumerate(alone):
-        for name in modules:
-            for p_b, p_a in zip(getattr(batched, name).parameters(), getattr(a, name).parameters()):
-                torch.testing.assert_close(p_b[k], p_a[0], rtol=rtol, atol=atol)
-
-
 def test_policy_loss_gets_best_candidates_qadv_weights_and_entropy_rows(tiny):
     B, Nd, Ne, A = 4, 5, 3, 2
-    agent = QVPO(3, A, batch_size=B, train_candidates=Nd, uniform_samples=Ne,
-                 entropy_weight=Constant(0.05), target_candidates=1)
+    agent = QVPO(AgentContext(3, A), batch_size=B, train_candidates=Nd, uniform_samples=Ne, entropy_weight=Constant(0.05), target_candidates=1)
     cands = torch.rand(1, B, Nd, A) * 2 - 1
     seen = {}
     real_loss = agent.policy.loss
@@ -96,7 +76,7 @@ def test_policy_loss_gets_best_candidates_qadv_weights_and_entropy_rows(tiny):
 
 
 def test_termination_stops_bootstrap_truncation_does_not(tiny):
-    agent = QVPO(3, 2, batch_size=2, target_candidates=2, gamma=0.9)
+    agent = QVPO(AgentContext(3, 2), batch_size=2, target_candidates=2, gamma=0.9)
     s2 = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(0))  # not the global stream: order-independent
     batch = Batch(obs=torch.zeros(1, 2, 3), action=torch.zeros(1, 2, 2), reward=torch.tensor([[1.0, 1.0]]),
                   next_obs=s2, terminal=torch.tensor([[1.0, 0.0]]))
@@ -111,7 +91,7 @@ def test_termination_stops_bootstrap_truncation_does_not(tiny):
 
 
 def test_update_changes_params_and_moves_targets_slowly(tiny):
-    agent = QVPO(3, 2, batch_size=8, train_candidates=4, tau=0.1)
+    agent = QVPO(AgentContext(3, 2), batch_size=8, train_candidates=4, tau=0.1)
     before = [p.clone() for p in agent.policy.parameters()]
     tgt_before = [p.clone() for p in agent.policy_target.parameters()]
     m = agent.update(filled_buffers(), step=1)
@@ -124,33 +104,6 @@ def test_update_changes_params_and_moves_targets_slowly(tiny):
     assert agent.act(torch.randn(1, 5, 3), explore=True).shape == (1, 5, 2)
 
 
-def test_state_dict_round_trip(tiny):
-    a = QVPO(3, 2, batch_size=8, train_candidates=4)
-    a.update(filled_buffers(), step=1)
-    b = QVPO(3, 2, batch_size=8, train_candidates=4, seeds=(7,))
-    b.load_state_dict(a.state_dict())
-    s = torch.randn(1, 4, 3)
-    a.begin_evaluation(100)
-    b.begin_evaluation(100)
-    torch.testing.assert_close(b.act(s, explore=False), a.act(s, explore=False))
-    torch.testing.assert_close(b.act(s, explore=True), a.act(s, explore=True))  # training stream too
-
-
-def test_batched_seeds_match_separate_runs(tiny):
-    """N seeds in one agent = N agents of one seed each: same init, noise, buffers, updates."""
-    seeds = (3, 4, 5)
-    kw = dict(batch_size=8, train_candidates=4, uniform_samples=2, target_candidates=2, grad_clip=0.5)
-    batched, alone, _, _, mb, ms = update_batched_and_alone(lambda s: QVPO(3, 2, seeds=s, **kw), seeds, 4)
-    assert_seed_slices_match(batched, alone, ("policy", "critic"))
-    for k in range(len(seeds)):
-        torch.testing.assert_close(mb["loss/actor"][k], ms[k]["loss/actor"][0], rtol=1e-5, atol=1e-5)
-    # the grad clip bound: per-seed norms, not one norm over the stacked parameters
-    assert mb["grad/critic_norm"].shape == (3,)
-    # the seeds did not train identically
-    p = next(batched.policy.parameters())
-    assert (p[0] - p[1]).abs().max() > 1e-3
-
-
 def test_random_selection_trains_on_a_random_candidate_not_the_best():
     """train_selection='random' (component isolation): `pick` returns the indexed candidates."""
     from qvpo.agents.qvpo import pick
@@ -161,8 +114,8 @@ def test_random_selection_trains_on_a_random_candidate_not_the_best():
     for n in range(2):
         for b in range(3):
             torch.testing.assert_close(out[n, b], candidates[n, b, index[n, b]])
-    agent = QVPO(3, 2, seeds=(0,), batch_size=8, train_candidates=4, train_selection="random")
+    agent = QVPO(AgentContext(3, 2, seeds=(0,)), batch_size=8, train_candidates=4, train_selection="random")
     m = agent.update(filled_buffers((0,)), step=1)
     assert torch.isfinite(m["loss/actor"]).all()
     with pytest.raises(ConfigError, match="train_selection"):
-        QVPO(3, 2, train_selection="worst")
+        QVPO(AgentContext(3, 2), train_selection="worst")

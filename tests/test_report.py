@@ -236,3 +236,146 @@ def test_ablation_runs_are_grouped_by_their_variant_tag(tmp_path):
     assert set(cells) == {"QVPO", "Kb1-Kt1"} and float(cells["Kb1-Kt1"]["best_eval_mean"]) == pytest.approx(51.0)
     [comp] = list(csv.DictReader(open(out / "comparisons.csv")))
     assert comp["baseline"] == "Kb1-Kt1" and float(comp["diff"]) == pytest.approx(50.0)
+
+
+def _variant_store(tmp_path, name, tags=None):
+    """Three variants on Ant-v5, 3 seeds each (QVPO 100, Kb1-Kt1 50, Kb4-Kt1 80, + seed), and
+    Random; the experiment's tags as a sweep would record them."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(name, artifact_location=(tmp_path / "art").as_uri(), tags=tags or {})
+    for variant, level in (("QVPO", 100.0), ("Kb1-Kt1", 50.0), ("Kb4-Kt1", 80.0), ("Random", 1.0)):
+        for seed in range(3):
+            algo = "Random" if variant == "Random" else "QVPO"
+            t = current(variant, "Ant-v5", algo=algo, env_id="Ant-v5", seed=str(seed))
+            if algo != "Random":
+                t["variant"] = variant
+            run = client.create_run(exp, tags=t)
+            client.log_batch(run.info.run_id, metrics=[Metric("eval/return_mean", level + seed, 0, 10_000)])
+            client.set_terminated(run.info.run_id)
+    return uri
+
+
+def test_recorded_columns_and_treatment_are_the_reports(tmp_path):
+    """The layout a sweep recorded in its experiment: the columns in its order, every other column
+    compared with its treatment, and the report says where both came from."""
+    from qvpo.report import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG
+
+    uri = _variant_store(tmp_path, "abl", {COLUMNS_TAG: '["Kb4-Kt1", "QVPO", "Kb1-Kt1"]',
+                                           TREATMENT_TAG: "Kb4-Kt1", LAYOUT_SWEEP_TAG: "abl-sweep"})
+    out = build_report("abl", uri, None, tmp_path / "reports", log_to_mlflow=False)
+    assert [r["algo"] for r in rows(out / "cells.csv")] == ["Kb4-Kt1", "QVPO", "Kb1-Kt1", "Random"]
+    comps = {r["baseline"]: r for r in rows(out / "comparisons.csv")}
+    assert set(comps) == {"QVPO", "Kb1-Kt1"} and {r["algo"] for r in comps.values()} == {"Kb4-Kt1"}
+    assert float(comps["QVPO"]["diff"]) == pytest.approx(-20.0)  # 81 - 101
+    assert float(comps["Kb1-Kt1"]["diff"]) == pytest.approx(30.0)
+    poi = [r for r in rows(out / "aggregate.csv") if r["statistic"] == "prob_improvement"]
+    assert {(r["algo"], r["versus"]) for r in poi} == {("Kb4-Kt1", "QVPO"), ("Kb4-Kt1", "Kb1-Kt1")}
+    md = (out / "table.md").read_text()
+    assert "Columns: Kb4-Kt1, QVPO, Kb1-Kt1, Random; the treatment, compared with every other column" in md
+    assert "**Kb4-Kt1**. Order and treatment recorded by sweep `abl-sweep` in the experiment's tags" in md
+    assert "## Kb4-Kt1 against each baseline, per task" in md and "| task | baseline | n (Kb4-Kt1, baseline)" in md
+    table = md[md.index("## Table 1"):md.index("## Per task")]
+    assert table.index("| Kb4-Kt1 |") < table.index("| QVPO |") < table.index("| Kb1-Kt1 |") < table.index("| Random |")
+
+
+def test_spec_given_to_the_report_wins_and_labels_it_does_not_name_are_said(tmp_path):
+    """--spec: the spec's Sweep.treatment and variant order, over the experiment's tags; a label of
+    the runs that the spec lacks comes after its columns, and the report names it."""
+    from qvpo.report import COLUMNS_TAG, TREATMENT_TAG
+
+    uri = _variant_store(tmp_path, "abl", {COLUMNS_TAG: '["QVPO", "Kb1-Kt1", "Kb4-Kt1"]', TREATMENT_TAG: "QVPO"})
+    spec = tmp_path / "spec.gin"
+    spec.write_text("Sweep.name = 'abl'\nSweep.experiment = 'abl'\nSweep.treatment = 'Kb1-Kt1'\n"
+                    "Sweep.variants = {'Kb1-Kt1': ('qvpo', ('QVPO.behavior_candidates = 1',)), 'QVPO': ('qvpo', ())}\n")
+    out = build_report("abl", uri, None, tmp_path / "reports", log_to_mlflow=False, spec=str(spec))
+    assert [r["algo"] for r in rows(out / "cells.csv")] == ["Kb1-Kt1", "QVPO", "Kb4-Kt1", "Random"]
+    assert {r["algo"] for r in rows(out / "comparisons.csv")} == {"Kb1-Kt1"}
+    md = (out / "table.md").read_text()
+    assert f"Order and treatment from the sweep spec `{spec}` given with `--spec`" in md
+    assert "Labels that order does not name, after it alphabetically: Kb4-Kt1." in md
+
+
+def test_untagged_experiment_says_it_uses_the_defaults(store):
+    """No sweep layout in the experiment (the fake Table 1 store): QVPO and the paper's order, said so."""
+    md = (store["out"] / "table.md").read_text()
+    assert "Columns: SAC, QVPO, Random; the treatment, compared with every other column (the random policy " \
+           "aside): **QVPO**. Order and treatment are the defaults, as no sweep recorded them" in md
+    assert [r["algo"] for r in rows(store["out"] / "cells.csv")][:3] == ["SAC", "QVPO", "Random"]
+
+
+def test_unreadable_layout_tags_fall_back_to_the_defaults_and_say_why(tmp_path):
+    from qvpo.report import COLUMNS_TAG, TREATMENT_TAG
+
+    uri = _variant_store(tmp_path, "abl", {COLUMNS_TAG: "Kb4-Kt1, QVPO", TREATMENT_TAG: "Kb4-Kt1"})
+    out = build_report("abl", uri, None, tmp_path / "reports", log_to_mlflow=False)
+    assert {r["algo"] for r in rows(out / "comparisons.csv")} == {"QVPO"}
+    md = (out / "table.md").read_text()
+    assert "are the defaults, as the experiment's tags `qvpo.columns` = 'Kb4-Kt1, QVPO'" in md
+    assert "cannot be read" in md
+
+
+def test_a_spec_whose_treatment_is_not_a_column_is_one_config_error(tmp_path):
+    """Bad input in --spec stops the report before it reads anything."""
+    spec = tmp_path / "spec.gin"
+    spec.write_text("Sweep.name = 'bad'\nSweep.algos = ('qvpo', 'sac')\nSweep.treatment = 'td3'\n")
+    with pytest.raises(ConfigError, match=r"sweep 'bad': Sweep.treatment 'td3' is not one of the spec's columns "
+                                          r"\(QVPO, SAC: its algorithms\)"):
+        build_report("nowhere", f"sqlite:///{tmp_path}/none.db", None, tmp_path / "x", spec=str(spec))
+    assert not (tmp_path / "none.db").exists()  # stopped before the store was opened
+
+
+def test_section_registry_adds_the_sections_that_apply(store, monkeypatch):
+    """A registered provider's section goes into table.md (after compute, before provenance) with
+    its files, when it applies to the runs; one that does not apply writes nothing."""
+    from qvpo.report import sections
+
+    seen = {}
+
+    class Applies:
+        name = "fake section"
+
+        def applies(self, runs):
+            seen["labels"] = {r.algo for r in runs}
+            return True
+
+        def build(self, client, runs, report_dir):
+            (report_dir / "fake.csv").write_text("n\n" + str(len(runs)) + "\n")
+            return sections.Section("\n## A fake open question\n\nIt read every run.\n", ["fake.csv"])
+
+    class Skips:
+        name = "never"
+
+        def applies(self, runs):
+            return False
+
+        def build(self, client, runs, report_dir):
+            raise AssertionError("built a section that does not apply")
+
+    monkeypatch.setattr(sections, "_registered", [])
+    sections.register(Applies())
+    sections.register(Skips())
+    out = build_report("table1", store["uri"], store["paper"], store["tmp"] / "sections", log_to_mlflow=False)
+    assert seen["labels"] == {"QVPO", "SAC", "Random"}
+    assert (out / "fake.csv").read_text() == f"n\n{len(rows(out / 'runs.csv'))}\n"
+    md = (out / "table.md").read_text()
+    assert md.index("## Compute") < md.index("## A fake open question") < md.index("## Provenance")
+    assert "Gradient variance" not in md  # the shipped gradvar section: these runs logged no gradvar/*
+
+
+def test_gradient_variance_section_applies_only_to_runs_with_its_metrics():
+    from qvpo.report import sections
+    from qvpo.report.load import Run
+    from qvpo.research.gradient_variance_report import SECTION
+
+    assert SECTION in sections.providers()
+
+    def run(*keys):
+        empty = np.array([])
+        return Run("r", "QVPO", "Ant-v5", "0", 0, "", empty, empty, empty, empty, metric_keys=frozenset(keys))
+
+    assert not SECTION.applies([run("eval/return_mean"), run("gradvar/summary")])
+    assert SECTION.applies([run("eval/return_mean"), run("gradvar/qadv/ess", "gradvar/qcut/ess")])

@@ -4,9 +4,9 @@ import torch
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
+from qvpo.agents.base import AgentContext
 from qvpo.agents.sac import SAC, tanh_gaussian_log_prob
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import assert_seed_slices_match, update_batched_and_alone
 
 
 def test_tanh_gaussian_log_prob_matches_torch_distributions():
@@ -20,7 +20,7 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions():
 
 
 def test_alpha_loss_hand_computed_and_direction():
-    agent = SAC(3, 2, seeds=(0, 1), init_alpha=0.5, hidden=(8,))
+    agent = SAC(AgentContext(3, 2, seeds=(0, 1)), init_alpha=0.5, hidden=(8,))
     logp = torch.tensor([[1.0, 3.0], [-4.0, -6.0]])  # (seeds, batch)
     loss = agent.alpha_loss(logp)
     # target entropy -|A| = -2: loss = -log(alpha) * mean(logp - 2), per seed
@@ -34,19 +34,6 @@ def test_alpha_loss_hand_computed_and_direction():
     agent.alpha_opt.step()
     delta = agent.log_alpha.detach() - before
     assert delta[0] > 0 and delta[1] < 0
-
-
-def test_sac_update_and_batched_seeds_match_separate():
-    seeds = (2, 3)
-    kw = dict(batch_size=8, hidden=(16, 16))
-    batched, alone, _, _, m, _ = update_batched_and_alone(lambda s: SAC(3, 2, seeds=s, **kw), seeds, 3)
-    assert_seed_slices_match(batched, alone, ("actor",))
-    for k, a in enumerate(alone):
-        torch.testing.assert_close(batched.log_alpha[k], a.log_alpha[0])
-    assert m["loss/critic"].shape == (2,) and m["entropy/alpha"].shape == (2,)
-    obs = torch.randn(2, 4, 3)
-    assert batched.act(obs, explore=True).shape == (2, 4, 2)
-    assert batched.act(obs, explore=False).abs().max() <= 1
 
 
 def test_sac_learns_pendulum():

@@ -30,6 +30,9 @@ Sweep.steps_per_s = {'sac': 100, 'qvpo': 50}
 """
 
 
+LAYOUT_TAGS = ("qvpo.columns", "qvpo.treatment", "qvpo.layout_sweep")  # what a sweep records for its report
+
+
 def _spec(tmp_path):
     path = tmp_path / "spec.gin"
     path.write_text(SPEC)
@@ -129,6 +132,10 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
             assert sorted(m.step for m in evals) == [200, 400]
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "loss/critic")) == [200, 300, 400]
 
+    # the report's layout, recorded in the experiment when the sweep started: the spec's order, its first algorithm
+    tags = client.get_experiment_by_name("smoke").tags
+    assert [tags[k] for k in LAYOUT_TAGS] == ['["QVPO", "SAC"]', "QVPO", "smoke"]
+
     assert main(["sweep", spec, "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "0 to start, 0 to resume, 6 finished" in out
@@ -163,6 +170,8 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
            if row["statistic"] == "iqm" and row["algo"] == "SAC" and row["metric"] == "best_eval"]
     assert float(agg[0]["value"]) == pytest.approx(scipy.stats.trim_mean(scores, 0.25), rel=1e-9)
     assert "-150" in (out_dir / "table.md").read_text() and list(out_dir.glob("*.png"))
+    assert "Columns: QVPO, SAC, Random; the treatment, compared with every other column (the random policy aside): " \
+           "**QVPO**. Order and treatment recorded by sweep `smoke`" in (out_dir / "table.md").read_text()
     provenance = list(csv.DictReader(open(out_dir / "provenance.csv")))  # commit, version, wall time per run
     assert len(provenance) == 6 and all(row["git_commit"] == r.data.tags["git_commit"] for row in provenance
                                         for r in runs if r.info.run_id == row["run_id"])
@@ -186,8 +195,10 @@ def test_every_reproduce_spec_expands_and_its_runs_parse(spec):
 
     s = sw.load_spec(spec, [])
     runs = sw.expand(s)
-    if s.variants:
-        assert "QVPO" in s.variants  # the treatment the report compares the other variants with
+    from qvpo.agents import ALGORITHMS
+
+    columns, treatment = sw.layout(s)  # what the sweep records for the report
+    assert treatment == "QVPO" and set(columns) == (set(s.variants) if s.variants else {ALGORITHMS[a] for a in s.algos})
     seen = set()
     for r in runs:
         key = (r.algo, tuple(r.gin_files), tuple(b for b in r.bindings if not b.startswith(("Trainer.seed", "Trainer.env_id"))))
@@ -199,8 +210,8 @@ def test_every_reproduce_spec_expands_and_its_runs_parse(spec):
 TINY_QVPO = ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_candidates = 4", "QVPO.T = 3",
              "Denoiser.hidden = (16, 16)", "TwinQ.hidden = (16, 16)", "Trainer.warmup_steps = 100",
              "Trainer.eval_every = 150", "Trainer.eval_episodes = 1", "Trainer.log_every = 100",
-             "ReplayBuffer.capacity = 1000", "QVPO.gradient_variance_every = 100",
-             "QVPO.gradient_variance_samples = 3"]
+             "ReplayBuffer.capacity = 1000",
+             "GradientVariance.every = 100", "GradientVariance.samples = 3"]  # where a spec attaches it
 
 
 @pytest.mark.parametrize("folder", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "reproduce").glob("open_*")))
@@ -216,13 +227,14 @@ def test_open_question_folder_smoke_profile(tmp_path, monkeypatch, capsys, folde
     assert main(["sweep", spec, "--steps", "200", "--seeds", "1", "--envs", "Pendulum-v1", "--workers", "2",
                  "--tracking-uri", uri, *binds]) == 0
     experiment = sw.load_spec(spec, []).experiment
-    assert main(["report", experiment, "--tracking-uri", uri, "--out", str(tmp_path / "reports")]) == 0
+    assert main(["report", experiment, "--tracking-uri", uri, "--out", str(tmp_path / "reports"), "--spec", spec]) == 0
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "attributes.status = 'FINISHED'")
     variants = {r.data.tags.get("variant") for r in runs if r.data.tags.get("variant")}
     assert variants == set(sw.load_spec(spec, []).variants)
     table = (tmp_path / "reports" / experiment / "table.md").read_text()
     assert "by phase" in table
+    assert f"**QVPO**. Order and treatment from the sweep spec `{spec}` given with `--spec`" in table
     if folder == "open_weight_variance":
         assert (tmp_path / "reports" / experiment / "gradvar.csv").exists()
 
@@ -254,3 +266,42 @@ def test_sweep_refuses_seed_bindings_and_variants_that_are_the_same_run(tmp_path
     runs = sw.expand(sw.load_spec(str(tmp_path / "v.gin"), []))
     with pytest.raises(ConfigError, match="'QVPO Pendulum-v1 seed 0' and 'same Pendulum-v1 seed 0' are the same run"):
         sw.identify(runs)
+
+
+def test_treatment_and_columns_come_from_the_spec_and_are_checked_before_anything(tmp_path, capsys):
+    """Sweep.treatment / Sweep.columns: the report's layout, in spec order by default; a name that
+    is not one of the spec's columns is one ConfigError line before any run or store exists."""
+    spec = sw.load_spec(_spec(tmp_path), [])
+    assert sw.layout(spec) == (["QVPO", "SAC"], "QVPO")  # the spec's order; its first algorithm
+    (tmp_path / "o.gin").write_text(SPEC + "Sweep.columns = ('sac',)\nSweep.treatment = 'SAC'\n")
+    assert sw.layout(sw.load_spec(str(tmp_path / "o.gin"), [])) == (["SAC", "QVPO"], "SAC")  # --algo names too
+    (tmp_path / "v.gin").write_text(SPEC + "Sweep.variants = {'QVPO': ('qvpo', ()), "
+                                    "'Kb1': ('qvpo', ('QVPO.behavior_candidates = 1',))}\nSweep.treatment = 'Kb1'\n")
+    assert sw.layout(sw.load_spec(str(tmp_path / "v.gin"), [])) == (["QVPO", "Kb1"], "Kb1")  # variants, not algos
+
+    for extra, message in (("Sweep.treatment = 'TD3'", "Sweep.treatment 'TD3' is not one of the spec's columns "
+                                                       "(QVPO, SAC: its algorithms)"),
+                           ("Sweep.columns = ('SAC', 'DIPO')", "Sweep.columns entry 'DIPO' is not one of the spec's "
+                                                               "columns"),
+                           ("Sweep.columns = ('SAC', 'sac')", "Sweep.columns names a column twice")):
+        (tmp_path / "bad.gin").write_text(SPEC + extra + "\n")
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            sw.expand(sw.load_spec(str(tmp_path / "bad.gin"), []))
+        uri = f"sqlite:///{tmp_path}/never.db"
+        assert main(["sweep", str(tmp_path / "bad.gin"), "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("qvpo: error: sweep 'smoke': ") and message in err
+        assert not (tmp_path / "never.db").exists()
+
+
+def test_record_layout_tags_the_experiment_and_the_latest_sweep_wins(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    sw.record_layout(sw.load_spec(_spec(tmp_path), []), uri)  # creates the experiment
+    (tmp_path / "o.gin").write_text(SPEC + "Sweep.name = 'other'\nSweep.columns = ('SAC', 'QVPO')\n")
+    tags = MlflowClient(uri).get_experiment_by_name("smoke").tags
+    assert [tags[k] for k in LAYOUT_TAGS] == ['["QVPO", "SAC"]', "QVPO", "smoke"]
+    sw.record_layout(sw.load_spec(str(tmp_path / "o.gin"), []), uri)
+    tags = MlflowClient(uri).get_experiment_by_name("smoke").tags
+    assert [tags[k] for k in LAYOUT_TAGS] == ['["SAC", "QVPO"]', "QVPO", "other"]

@@ -1,12 +1,13 @@
 import torch
 
+from qvpo.agents.base import AgentContext
 from qvpo.agents.td3 import TD3
 from test_learning import random_policy_return, train_on_pendulum
 from test_qvpo_agent import filled_buffers
 
 
 def test_target_policy_smoothing_is_clipped():
-    agent = TD3(3, 2, seeds=(0, 1), hidden=(8,), policy_noise=5.0, noise_clip=0.3)
+    agent = TD3(AgentContext(3, 2, seeds=(0, 1)), hidden=(8,), policy_noise=5.0, noise_clip=0.3)
     s2 = torch.randn(2, 500, 3)
     base = agent.actor_target(s2)
     a2 = agent.target_action(s2)
@@ -18,7 +19,7 @@ def test_target_policy_smoothing_is_clipped():
 
 
 def test_actor_and_targets_update_every_policy_delay_steps():
-    agent = TD3(3, 2, hidden=(8,), batch_size=8, policy_delay=2)
+    agent = TD3(AgentContext(3, 2), hidden=(8,), batch_size=8, policy_delay=2)
     buf = filled_buffers()
     actor0 = [p.clone() for p in agent.actor.parameters()]
     critic0 = [p.clone() for p in agent.critic.parameters()]
@@ -35,7 +36,7 @@ def test_actor_and_targets_update_every_policy_delay_steps():
 
 
 def test_exploration_noise_and_eval_action():
-    agent = TD3(3, 2, seeds=(0,), hidden=(8,), exploration_noise=0.1)
+    agent = TD3(AgentContext(3, 2, seeds=(0,)), hidden=(8,), exploration_noise=0.1)
     obs = torch.randn(1, 1000, 3)
     det = agent.act(obs, explore=False)
     noisy = agent.act(obs, explore=True)

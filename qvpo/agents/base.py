@@ -8,6 +8,7 @@ trainer reads them every `log_every` steps).
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
 
@@ -16,39 +17,84 @@ from qvpo.errors import require, require_int
 from qvpo.timing import PhaseTimer
 
 
-class Agent(abc.ABC):
-    """Built by the trainer as AgentClass(obs_dim=, action_dim=, device=, total_steps=, timer=, seeds=).
+@dataclass(frozen=True)
+class AgentContext:
+    """What the trainer tells an agent about the run, passed once as the agent's first argument
+    (the algorithm's own settings are its keyword arguments, bound with gin).
 
-    Off-policy agents learn from the trainer's replay buffers, one `update` per env step;
-    on-policy agents (`OnPolicyAgent`) from rollouts they collect themselves.
+    obs_dim, action_dim: the env's flat observation and action sizes (actions live in [-1, 1]).
+    seeds: the seeds trained together in this process (the leading dimension of everything).
+    device: where networks and tensors live.
+    total_steps: the run's length in env steps (schedules that decay over the run read it).
+    timer: the trainer's phase timer (None = a private one).
+    discrete_actions: n for a task with n discrete actions, relaxed to [-1, 1]^n (the env takes
+      the argmax; docs/environments.md#discrete-actions), None for a continuous task. Agents with
+      a standard discrete form (SAC, PPO) use it; the others act on the relaxation.
+    """
+
+    obs_dim: int
+    action_dim: int
+    seeds: tuple[int, ...] = (0,)
+    device: torch.device | str = "cpu"
+    total_steps: int = 1_000_000
+    timer: PhaseTimer | None = None
+    discrete_actions: int | None = None
+
+
+class Agent(abc.ABC):
+    """The contract between an agent and the trainer (qvpo.train.Trainer).
+
+    Built as AgentClass(context, **settings); an agent keeps the context's fields as attributes
+    (obs_dim, action_dim, seeds, device, total_steps, timer). What the trainer reads besides the
+    methods below:
+
+      on_policy      False: the off-policy loop (replay buffers, `update(buffers, step)` once per
+                     env step after the warm-up); True (`OnPolicyAgent`): the on-policy loop.
+      baseline       True only for reference points that learn nothing (the random policy): they
+                     ignore other agents' gin bindings.
+      warmup_steps   env steps of uniformly random actions before the first update: the
+                     algorithm's own setting (TD3's reference uses 25k, SAC's and QVPO's 10k);
+                     Trainer.warmup_steps overrides it for all.
+      batch_size     the minibatch an off-policy update samples (the trainer waits until every
+                     replay buffer holds that many transitions).
+      has_q_critic   whether `q_estimate` exists (the trainer's overestimation measurement).
+
+    Every quantity is batched over seeds: a metric is a tensor (N,) or a float, and an agent with
+    seeds (a, b) computes exactly what two agents with seeds (a,) and (b,) compute
+    (tests/test_agent_contract.py checks this and the rest of the contract for every algorithm).
     """
 
     on_policy = False
-    # a reference point that learns nothing (the random policy): it ignores other agents' bindings
     baseline = False
-    # env steps of uniformly random actions before the first update: the algorithm's own setting
-    # (TD3's reference uses 25k, SAC's and QVPO's 10k); Trainer.warmup_steps overrides it for all
     warmup_steps: int = 0
-
     batch_size: int
-    device: torch.device
-    timer: PhaseTimer
-    seeds: list[int]
 
-    def _setup(self, name: str, device, timer: PhaseTimer | None, seeds, batch_size: int,
-               gamma: float, tau: float = 1.0, warmup_steps: int = 0, **learning_rates: float) -> None:
-        """What every agent checks and keeps: device, timer, seeds, warm-up and the TD settings."""
+    def __init__(self, context: AgentContext):
+        require(len(context.seeds) >= 1, f"{type(self).__name__} needs at least one seed")
+        require_int(context.obs_dim, "the observation size", 1)
+        require_int(context.action_dim, "the action size", 1)
+        self.context = context
+        self.obs_dim, self.action_dim = context.obs_dim, context.action_dim
+        self.seeds = list(context.seeds)
+        self.device = torch.device(context.device)
+        self.total_steps = context.total_steps
+        self.timer = context.timer or PhaseTimer(self.device)
+        self.discrete_actions = context.discrete_actions
+        if self.discrete_actions is not None:
+            require(self.discrete_actions == self.action_dim,
+                    f"a task with {self.discrete_actions} discrete actions is relaxed to [-1, 1]^{self.discrete_actions}, "
+                    f"got action_dim {self.action_dim}")
+
+    def _setup(self, name: str, batch_size: int, gamma: float, tau: float = 1.0, warmup_steps: int = 0,
+               **learning_rates: float) -> None:
+        """The settings every agent checks and keeps: warm-up, batch and the TD settings."""
         require_int(warmup_steps, f"{name}.warmup_steps (env steps)", 0)
         self.warmup_steps = warmup_steps
-        require(len(seeds) >= 1, f"{name} needs at least one seed")
         require_int(batch_size, f"{name}.batch_size", 1)
         require(0 <= gamma <= 1, f"{name}.gamma must be in [0, 1], got {gamma}")
         require(0 < tau <= 1, f"{name}.tau must be in (0, 1], got {tau}")
         for lr_name, lr in learning_rates.items():
             require(lr > 0, f"{name}.{lr_name} must be > 0, got {lr}")
-        self.device = torch.device(device)
-        self.timer = timer or PhaseTimer(self.device)
-        self.seeds = list(seeds)
         self.batch_size, self.gamma, self.tau = batch_size, gamma, tau
 
     @abc.abstractmethod

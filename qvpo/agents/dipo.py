@@ -41,14 +41,13 @@ from typing import Callable
 import gin
 import torch
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import Batch, SeedBuffers
 from qvpo.diffusion import DiffusionPolicy
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ
 from qvpo.optim import adam, clip_and_step, frozen, soft_update
 from qvpo.rng import EVAL_STREAM, SeedRNG, init_generators
-from qvpo.timing import PhaseTimer
 
 
 @torch.no_grad()
@@ -114,7 +113,7 @@ def action_gradient(critic: TwinQ, states: torch.Tensor, actions: torch.Tensor, 
             "grad_norm": norm_sum / max(steps, 1)}
 
 
-@gin.configurable
+@gin.configurable(denylist=["context"])
 class DIPO(Agent):
     """DIPO agent. Every default is the reference code's (`main.py`'s parser defaults;
     docs/paper-notes.md#dipo); gin/algos/dipo.gin restates them.
@@ -143,9 +142,7 @@ class DIPO(Agent):
       action_adam_eps: epsilon of the action ascent's Adam (reference: 1e-5; betas torch's 0.9, 0.999).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,),
+    def __init__(self, context: AgentContext,
                  warmup_steps: int = 10_000,
                  T: int = 100,
                  batch_size: int = 256,
@@ -163,14 +160,15 @@ class DIPO(Agent):
                  write_back: bool = True,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam,
                  action_adam_eps: float = 1e-5):
-        self._setup("DIPO", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
+        super().__init__(context)
+        obs_dim, action_dim = context.obs_dim, context.action_dim
+        self._setup("DIPO", batch_size, gamma, tau, warmup_steps,
                     policy_lr=policy_lr, critic_lr=critic_lr, action_lr=action_lr)
         require_int(action_gradient_steps, "DIPO.action_gradient_steps", 0)
         require_int(update_actor_target_every, "DIPO.update_actor_target_every (updates)", 1)
         for name, value in [("noise_ratio", noise_ratio), ("eval_noise_ratio", eval_noise_ratio),
                             ("action_adam_eps", action_adam_eps)]:
             require(value >= 0, f"DIPO.{name} must be >= 0, got {value}")
-        self.total_steps = total_steps
         self.grad_clip = grad_clip
         self.action_lr, self.action_steps = action_lr, action_gradient_steps
         self.action_grad_ratio = action_grad_ratio
@@ -179,7 +177,6 @@ class DIPO(Agent):
         self.noise_ratio, self.eval_noise_ratio = noise_ratio, eval_noise_ratio
         self.write_back = write_back
         self.action_adam_eps = action_adam_eps
-        self.action_dim = action_dim
         self.num_updates = 0
 
         require_int(T, "DIPO.T (diffusion steps)", 1)

@@ -27,14 +27,13 @@ import gin
 import torch
 from torch import nn
 
-from qvpo.agents.base import OnPolicyAgent
+from qvpo.agents.base import AgentContext, OnPolicyAgent
 from qvpo.errors import require, require_int
 from qvpo.nets import mlp, orthogonal_init
 from qvpo.normalize import ObsNormalizer, RewardScaler
 from qvpo.optim import clip_and_step
 from qvpo.rng import SeedRNG, init_generators
 from qvpo.rollout import Rollout, gae
-from qvpo.timing import PhaseTimer
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -70,10 +69,11 @@ def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.T
     return (-0.5 * ((action - mean) / log_std.exp()).pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
 
 
-@gin.configurable
-class PPO(OnPolicyAgent):
-    """PPO agent; defaults are the PPO paper's MuJoCo settings (Table 3) and baselines' ppo2
-    details; gin/algos/ppo.gin restates them with sources.
+class PPOBase(OnPolicyAgent):
+    """The machinery PPO and SPO share (rollouts, GAE, normalisation, value clipping, minibatch
+    epochs), with PPO's clipped surrogate as `policy_loss`. Its defaults are the PPO paper's
+    MuJoCo settings (Table 3) and baselines' ppo2 details; gin/algos/ppo.gin restates them with
+    sources. Not a gin configurable itself: `PPO` and `SPO` are.
 
     Args:
       rollout_steps: env steps per seed per iteration (Table 3: horizon T = 2048).
@@ -92,9 +92,7 @@ class PPO(OnPolicyAgent):
       init_log_std: initial log-std of the Gaussian (ppo2: 0).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,),
+    def __init__(self, context: AgentContext,
                  rollout_steps: int = 2048,
                  epochs: int = 10,
                  minibatch_size: int = 64,
@@ -118,7 +116,10 @@ class PPO(OnPolicyAgent):
                  activation: str = "tanh",
                  init_log_std: float = 0.0):
         name = type(self).__name__
-        self._setup(name, device, timer, seeds, minibatch_size, gamma, lr=lr)
+        self._check_settings()
+        super().__init__(context)
+        obs_dim, action_dim = context.obs_dim, context.action_dim
+        self._setup(name, minibatch_size, gamma, lr=lr)
         require_int(rollout_steps, f"{name}.rollout_steps (env steps)", 1)
         require_int(epochs, f"{name}.epochs", 1)
         require(minibatch_size >= 2 or not normalize_advantages,
@@ -132,7 +133,7 @@ class PPO(OnPolicyAgent):
         self.clip_coef, self.clip_value_loss = clip_coef, clip_value_loss
         self.value_coef, self.entropy_coef, self.max_grad_norm = value_coef, entropy_coef, max_grad_norm
         self.normalize_advantages = normalize_advantages
-        self.num_iterations = max(1, total_steps // rollout_steps)  # for the lr annealing
+        self.num_iterations = max(1, self.total_steps // rollout_steps)  # for the lr annealing
         self.iteration = 0
 
         N = len(self.seeds)
@@ -142,6 +143,9 @@ class PPO(OnPolicyAgent):
         self.obs_norm = ObsNormalizer(N, obs_dim, self.device, obs_clip) if normalize_obs else None
         self.reward_scaler = RewardScaler(N, gamma, self.device, reward_clip) if normalize_reward else None
         self.rng = SeedRNG(self.seeds, self.device)
+
+    def _check_settings(self) -> None:
+        """Subclasses whose settings live only in their gin file check it was parsed (SPO)."""
 
     # ---------------------------------------------------------------- acting
     def _normalize(self, obs: torch.Tensor, update: bool) -> torch.Tensor:
@@ -264,3 +268,9 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return torch.gather(x, 1, idx)
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+@gin.configurable(denylist=["context"])
+class PPO(PPOBase):
+    """PPO with the clipped surrogate (the module docstring), at PPOBase's defaults: the PPO
+    paper's MuJoCo settings."""

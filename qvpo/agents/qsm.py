@@ -26,7 +26,8 @@ The sampler is plain DDPM ancestral sampling as the reference's ddpm_sampler: x_
 for t = T-1 .. 0: x <- (x - beta_t / sqrt(1 - ab_t) eps_theta(x, s, t)) / sqrt(alpha_t)
 + [t > 0] sqrt(beta_t) temperature z, clipped to [-1, 1] after every step (`clip_sampler`);
 the final action is clipped. `repeat_last_step` M repeats the t = 0 step M more times (the
-earlier learner's M, IDQL's repeat_last_step; 0 = off).
+earlier learner's M, IDQL's repeat_last_step; 0 = off). It is the package's DiffusionPolicy
+with this agent's ScoreNet as its denoiser and that step (qvpo.diffusion.EpsStep).
 
 Versions: the QSM description this project started from (docs/paper-notes.md#qsm) is of an
 earlier learner of the same repository (commit 04a3920): loss -eps_theta . grad_a (Q1 + Q2), actor
@@ -46,14 +47,13 @@ import gin
 import torch
 from torch import nn
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import SeedBuffers
-from qvpo.diffusion import NoiseSchedule
+from qvpo.diffusion import DiffusionPolicy, EpsStep
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ, init_linear, mlp
 from qvpo.optim import adam, clip_and_step, frozen, soft_update
 from qvpo.rng import EVAL_STREAM, SeedRNG, init_generators
-from qvpo.timing import PhaseTimer
 
 
 class FourierTimeFeatures(nn.Module):
@@ -81,7 +81,8 @@ class FourierTimeFeatures(nn.Module):
 
 
 class ScoreNet(nn.Module):
-    """eps_theta(a_t, s, t) of QSM, one network per seed (reference: jaxrl5 DDPM module).
+    """eps_theta(a_t, s, t) of QSM, one network per seed (reference: jaxrl5 DDPM module); called
+    as DiffusionPolicy's denoisers are, net(a_t, t, s, T).
 
     time: FourierTimeFeatures(time_dim) -> MLP(time_hidden, Mish, no final activation);
     body: MLP on [a_t, s, time features] with `hidden` Mish layers -> |A|. Linear layers are
@@ -106,36 +107,15 @@ class ScoreNet(nn.Module):
         """Integer steps t (N, R) -> (N, R, time_hidden[-1])."""
         return self.time_mlp(self.time_features(t))
 
-    def forward(self, a_t: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """a_t (N, R, A), s (N, R, S), t (N, R) integer steps in [0, T) -> eps (N, R, A)."""
-        return self.body(torch.cat([a_t, s, self.time_embedding(t)], dim=-1))
-
-
-@torch.no_grad()
-def ddpm_sample(net: ScoreNet, betas: list[float], alpha_bar: list[float], states: torch.Tensor, rng: SeedRNG,
-                temperature: float = 1.0, clip_sampler: bool = True, repeat_last_step: int = 0) -> torch.Tensor:
-    """One action per state by T = len(betas) steps of DDPM ancestral sampling: states (N, B, S)
-    -> (N, B, A). betas and alpha_bar are host floats (no device sync per step). The step noise
-    has variance beta_t (not the posterior variance), as the reference sampler.
-    """
-    N, B, _ = states.shape
-    A = net.body[-1].out_features
-
-    def step(x: torch.Tensor, t: int) -> torch.Tensor:
-        steps = torch.full((N, 1), t, device=states.device)
-        cond = net.time_embedding(steps).expand(N, B, -1)  # depends on t alone: once per step
-        eps = net.body(torch.cat([x, states, cond], dim=-1))
-        x = (x - betas[t] / math.sqrt(1.0 - alpha_bar[t]) * eps) / math.sqrt(1.0 - betas[t])
-        if t > 0:
-            x = x + math.sqrt(betas[t]) * temperature * rng.randn(B, A)
-        return x.clamp(-1.0, 1.0) if clip_sampler else x
-
-    x = rng.randn(B, A)  # x_T
-    for t in reversed(range(len(betas))):
-        x = step(x, t)
-    for _ in range(repeat_last_step):
-        x = step(x, 0)
-    return x.clamp(-1.0, 1.0)
+    def forward(self, a_t: torch.Tensor, t: torch.Tensor | int, s: torch.Tensor, T: int | None = None) -> torch.Tensor:
+        """a_t (N, R, A), t (N, R) integer steps in [0, T) or one int step for every row,
+        s (N, R, S) -> eps (N, R, A). T is unused: the Fourier features take the raw step."""
+        if isinstance(t, int):  # every row at step t: the time features once per seed, not per row
+            N, R, _ = a_t.shape
+            cond = self.time_embedding(torch.full((N, 1), t, device=a_t.device)).expand(N, R, -1)
+        else:
+            cond = self.time_embedding(t)
+        return self.body(torch.cat([a_t, s, cond], dim=-1))
 
 
 def cosine_decay(count: int, decay_steps: int | None) -> float:
@@ -145,7 +125,7 @@ def cosine_decay(count: int, decay_steps: int | None) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(count, decay_steps) / decay_steps))
 
 
-@gin.configurable
+@gin.configurable(denylist=["context"])
 class QSM(Agent):
     """QSM agent; defaults are the authors' released code run by its own script and config
     (examples/states/train_score_matching_online.py with configs/score_matching_config.py);
@@ -175,9 +155,7 @@ class QSM(Agent):
       optimizer: optimiser factory, called as optimizer(params, lr=..., eps=...).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,),
+    def __init__(self, context: AgentContext,
                  warmup_steps: int = 10_000,
                  batch_size: int = 256,
                  gamma: float = 0.99,
@@ -202,7 +180,9 @@ class QSM(Agent):
                  init: str = "xavier",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        self._setup("QSM", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
+        super().__init__(context)
+        obs_dim, action_dim = context.obs_dim, context.action_dim
+        self._setup("QSM", batch_size, gamma, tau, warmup_steps,
                     actor_lr=actor_lr, critic_lr=critic_lr)
         if actor_lr_decay_steps is not None:
             require_int(actor_lr_decay_steps, "QSM.actor_lr_decay_steps", 1)
@@ -216,16 +196,20 @@ class QSM(Agent):
         self.repeat_last_step = repeat_last_step
         self.actor_tau, self.target_noise, self.action_noise = actor_tau, target_noise, action_noise
         self.grad_clip = grad_clip
-        self.action_dim = action_dim
         self.num_updates = 0  # actor updates so far: the step count of the learning-rate schedule
 
         gens = init_generators(self.seeds)  # actor first, then critics: per-seed init streams
-        sch = NoiseSchedule(T, schedule)
-        self.betas, self.alpha_bar = sch.betas.tolist(), sch.alpha_bar.tolist()  # host floats for the sampler
-        self.schedule = sch.to(self.device)  # tensors for the noised replay actions
         self.actor = ScoreNet(obs_dim, action_dim, gens, tuple(actor_hidden), time_dim, tuple(time_hidden),
                               init).to(self.device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)  # the sampling actor
+        # the sampler: a DiffusionPolicy on the sampling actor (shared, not copied), with the
+        # reference's step. Every DiffusionPolicy setting is passed, so none of its gin bindings
+        # (meant for QVPO's and DIPO's Denoiser) applies here or enters this run's operative config
+        self.policy = DiffusionPolicy(
+            obs_dim, action_dim, None, T=T, schedule=schedule, clip_x0=False, precision="fp32",
+            block_rows=None, compile=False, native=False, fused=False, denoiser=self.actor_target,
+            eps_step=EpsStep(ddpm_temperature, clip_sampler, repeat_last_step)).to(self.device)
+        self.schedule = self.policy.schedule  # also noises the replay actions of the actor loss
         self.critic = TwinQ(obs_dim, action_dim, gens, hidden=tuple(critic_hidden), activation="relu",
                             init=init).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -240,8 +224,7 @@ class QSM(Agent):
 
     def sample(self, states: torch.Tensor, rng: SeedRNG) -> torch.Tensor:
         """One action of the sampling (EMA) actor per state: (N, B, S) -> (N, B, A) in [-1, 1]."""
-        return ddpm_sample(self.actor_target, self.betas, self.alpha_bar, states, rng, self.ddpm_temperature,
-                           self.clip_sampler, self.repeat_last_step)
+        return self.policy.sample(states, 1, rng)[:, :, 0]
 
     # ---------------------------------------------------------------- acting
     @torch.no_grad()
@@ -273,7 +256,7 @@ class QSM(Agent):
         sch = self.schedule
         noisy = sch.sqrt_alpha_bar[t, None] * action + sch.sqrt_one_minus_alpha_bar[t, None] * eps
         g = self.score_target(obs, noisy)
-        eps_pred = self.actor(noisy, obs, t)
+        eps_pred = self.actor(noisy, t, obs, self.T)
         loss = (-self.score_scale * g - eps_pred).pow(2).mean(dim=-1).mean(dim=-1)
         return loss, g, eps_pred
 

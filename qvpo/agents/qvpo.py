@@ -21,17 +21,16 @@ from typing import Callable
 import gin
 import torch
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import Batch, SeedBuffers
-from qvpo.diagnostics import build_weightings, weighting_gradient_variance
 from qvpo.diffusion import DiffusionPolicy
 from qvpo.entropy import kl_entropy
 from qvpo.errors import require, require_int
+from qvpo.hooks import QVPOHook, Scored
 from qvpo.nets import TwinQ
 from qvpo.optim import adam, clip_and_step, soft_update
 from qvpo.rng import EVAL_STREAM, SeedRNG, init_generators
 from qvpo.schedules import LinearDecay
-from qvpo.timing import PhaseTimer
 from qvpo.weights import QAdv, QWeight
 
 
@@ -56,10 +55,14 @@ def best_of_candidates(policy: DiffusionPolicy, critic: TwinQ, states: torch.Ten
 
 def row_weights(w: torch.Tensor, omega, Ne: int) -> torch.Tensor:
     """Weights of `QVPO.policy_rows`: w (N, B) for the chosen rows, omega_ent * w for each
-    state's Ne uniform rows -> (N, B + B * Ne). omega: a float, or one weight per seed (N,)
-    (a constant here: no gradient flows into it)."""
+    state's Ne uniform rows -> (N, B + B * Ne). With every candidate a row (w (N, B, K),
+    train_selection = 'all'), the candidates' weights (N, B * K), and each uniform row carries
+    omega_ent times its state's total weight sum_j w_j(s): the entropy term keeps the share
+    omega_ent * Ne of each state's loss it has in QVPO. omega: a float, or one weight per seed
+    (N,) (a constant here: no gradient flows into it)."""
     omega_rows = omega.detach()[:, None] if torch.is_tensor(omega) else omega  # broadcast over (N, B)
-    return torch.cat([w, (omega_rows * w).repeat_interleave(Ne, dim=1)], dim=1)
+    rows, mass = (w.flatten(1), w.sum(dim=-1)) if w.dim() == 3 else (w, w)
+    return torch.cat([rows, (omega_rows * mass).repeat_interleave(Ne, dim=1)], dim=1)
 
 
 def pick(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,7 @@ def pick(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(candidates, 2, index[..., None, None].expand(-1, -1, 1, candidates.shape[-1]))[:, :, 0]
 
 
-@gin.configurable
+@gin.configurable(denylist=["context"])
 class QVPO(Agent):
     """QVPO agent. Every default is the reference code's (docs/paper-notes.md#training-protocol);
     gin/algos/qvpo.gin restates them.
@@ -91,33 +94,25 @@ class QVPO(Agent):
       eval_candidates: candidates when evaluating.
       q_weight: the Q-weight transform (qvpo.weights); None = QAdv(), the reference's qadv.
       entropy_weight: schedule of omega_ent over env steps (qvpo.schedules); None =
-        LinearDecay(), the reference code's decay from 0.02 to 0.002. A schedule with an
-        `observe(entropy)` method (AdaptiveEntropyWeight) is given the entropy estimate after
-        every update and may return one omega per seed, (N,).
+        LinearDecay(), the reference code's decay from 0.02 to 0.002. A schedule may return one
+        omega per seed, (N,); one that is also a hook (qvpo.research.adaptive_entropy) observes
+        the entropy estimate after every update.
       estimate_entropy: estimate the policy's entropy per state from the Nd candidates already
         drawn (Kozachenko-Leonenko, qvpo.entropy; no extra sampling), mean over states per seed,
         logged as `entropy/estimate`. Required by an adaptive entropy_weight.
-      train_selection: 'best' (QVPO: the best of the Nd candidates by Q) or 'random' (a uniformly
+      train_selection: 'best' (QVPO: the best of the Nd candidates by Q), 'random' (a uniformly
         random candidate: with q_weight = @Uniform() the component-isolation variant that drops
-        both the selection and the weighting; reproduce/open_components).
+        both the selection and the weighting; reproduce/open_components) or 'all' (every
+        candidate a row of the loss, weighted per candidate by a q_weight with per_candidate =
+        True: MPO's E-step, qvpo.research.mpo.MPOEStep; reproduce/open_mpo).
       shared_batch: reuse the critic's minibatch for the policy step (a deviation from the
         reference, which draws a fresh one; off by default).
       optimizer: optimiser factory, called as optimizer(params, lr=...).
-      gradient_variance_every: every this many env steps (at updates with step % every == 0) run
-        the gradient-variance diagnostic (qvpo.diagnostics; reproduce/open_weight_variance) and
-        add its `gradvar/<weighting>/*` metrics to the update's; 0 = off (the default).
-      gradient_variance_samples: K, independent minibatch + candidate draws per diagnostic.
-      behavior_rule, target_rule: adaptive Kb / Kt (qvpo.adaptive_k: @SpreadKb(), @BiasKt(); an
-        open question, reproduce/open_adaptive_k); None = the fixed behavior_candidates /
-        target_candidates. One seed per process only (the seeds would share K).
-      gradient_variance_weightings: names of the weightings it compares (qvpo.diagnostics.WEIGHTINGS);
-        stateful ones (qexp's running mean/std of Q) follow the training Q values of every update
-        while the diagnostic is on, so they normalise as they would in training.
+      hooks: research add-ons (qvpo.hooks: adaptive Kb / Kt, the gradient-variance diagnostic,
+        ...), called in this order at fixed points of every update; none by default.
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,),
+    def __init__(self, context: AgentContext,
                  warmup_steps: int = 10_000,
                  T: int = 20,
                  batch_size: int = 256,
@@ -137,65 +132,47 @@ class QVPO(Agent):
                  estimate_entropy: bool = True,
                  train_selection: str = "best",
                  optimizer: Callable[..., torch.optim.Optimizer] = adam,
-                 gradient_variance_every: int = 0,
-                 gradient_variance_samples: int = 8,
-                 gradient_variance_weightings: tuple[str, ...] = ("qadv", "qcut", "qrelu", "qexp", "qexpadv"),
-                 behavior_rule=None,
-                 target_rule=None):
-        self._setup("QVPO", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
-                    policy_lr=policy_lr, critic_lr=critic_lr)
+                 hooks: tuple[QVPOHook, ...] = ()):
+        super().__init__(context)
+        self._setup("QVPO", batch_size, gamma, tau, warmup_steps, policy_lr=policy_lr, critic_lr=critic_lr)
         for name, value in [("behavior_candidates (Kb)", behavior_candidates),
                             ("target_candidates (Kt)", target_candidates),
                             ("eval_candidates", eval_candidates)]:
             require_int(value, f"QVPO.{name}", 1)
         require_int(train_candidates, "QVPO.train_candidates (Nd: the Q-weight compares candidates)", 2)
         require_int(uniform_samples, "QVPO.uniform_samples (Ne)", 0)
-        self.total_steps = total_steps
+        require_int(T, "QVPO.T (diffusion steps)", 1)
+        require(train_selection in ("best", "random", "all"),
+                f"QVPO.train_selection must be 'best', 'random' or 'all', got {train_selection!r}")
+        per_candidate = getattr(q_weight, "per_candidate", False)
+        require(per_candidate == (train_selection == "all"),
+                f"QVPO.train_selection = 'all' (every candidate weighted) goes with a per-candidate q_weight "
+                f"(e.g. @MPOEStep()) and only with one; got train_selection = {train_selection!r} and "
+                f"q_weight = {type(q_weight).__name__ if q_weight is not None else 'QAdv'}")
         self.grad_clip = grad_clip
         self.Nd, self.Ne = train_candidates, uniform_samples
         self.Kb, self.Kt, self.K_eval = behavior_candidates, target_candidates, eval_candidates
-        # adaptive Kb / Kt (qvpo.adaptive_k; an open question): one K per process, so one seed
-        self.behavior_rule, self.target_rule = behavior_rule, target_rule
-        if behavior_rule is not None or target_rule is not None:
-            require(len(self.seeds) == 1, "adaptive Kb / Kt (QVPO.behavior_rule / target_rule) need "
-                    "Trainer.seeds_per_process = 1: seeds trained together share one K")
-        if behavior_rule is not None:
-            self.Kb = behavior_rule.value
-        if target_rule is not None:
-            self.Kt = target_rule.value
         self.shared_batch = shared_batch
-        self.action_dim = action_dim
+        self.estimate_entropy = estimate_entropy
+        self.train_selection = train_selection
 
-        require_int(T, "QVPO.T (diffusion steps)", 1)
         init = init_generators(self.seeds)  # policy first, then critic: per-seed init streams
-        self.policy = DiffusionPolicy(obs_dim, action_dim, init, T=T).to(self.device)
+        self.policy = DiffusionPolicy(self.obs_dim, self.action_dim, init, T=T).to(self.device)
         self.policy_target = copy.deepcopy(self.policy).requires_grad_(False)  # EMA policy
-        self.critic = TwinQ(obs_dim, action_dim, init).to(self.device)
+        self.critic = TwinQ(self.obs_dim, self.action_dim, init).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.q_weight = q_weight if q_weight is not None else QAdv()
         self.q_weight.reset(len(self.seeds))
         self.q_weight.to(self.device)
         self.entropy_weight = entropy_weight or LinearDecay()
-        self.estimate_entropy = estimate_entropy
-        require(train_selection in ("best", "random"),
-                f"QVPO.train_selection must be 'best' or 'random', got {train_selection!r}")
-        self.train_selection = train_selection
-        if hasattr(self.entropy_weight, "observe"):
-            require(estimate_entropy, "an adaptive QVPO.entropy_weight needs QVPO.estimate_entropy = True")
-            self.entropy_weight.reset(len(self.seeds), action_dim)
-            self.entropy_weight.to(self.device)
         self.policy_opt = optimizer(self.policy.parameters(), lr=policy_lr)
         self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
         self.rng = SeedRNG(self.seeds, self.device)
-        require_int(gradient_variance_every, "QVPO.gradient_variance_every (env steps, 0 = off)", 0)
-        require_int(gradient_variance_samples, "QVPO.gradient_variance_samples (K)", 2)
-        self.gradient_variance_every = gradient_variance_every
-        self.gradient_variance_samples = gradient_variance_samples
-        self.gradvar_weightings = (build_weightings(tuple(gradient_variance_weightings), len(self.seeds), self.device)
-                                   if gradient_variance_every else {})
-        # the ones with running statistics, which follow training's Q values every update
-        self._gradvar_stateful = [t for t in self.gradvar_weightings.values() if next(t.buffers(), None) is not None]
         self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
+        # an adaptive schedule observes the entropy first, so later hooks see this update's omega
+        self.hooks = ([self.entropy_weight] if isinstance(self.entropy_weight, QVPOHook) else []) + list(hooks)
+        for hook in self.hooks:
+            hook.attach(self)
 
     # ---------------------------------------------------------------- acting
     def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
@@ -221,93 +198,104 @@ class QVPO(Agent):
             return batch.reward + self.gamma * (1.0 - batch.terminal) * q_next
 
     def update(self, buffers: SeedBuffers, step: int) -> dict[str, torch.Tensor | float]:
-        timer = self.timer
         # 1. critic: clipped double-Q towards the best of Kt target-policy candidates
         batch = buffers.sample(self.batch_size)
-        y = self.td_target(batch)
-        with timer.phase("critic"):
-            q1, q2 = self.critic(batch.obs, batch.action)
-            critic_loss = (q1 - y).pow(2).mean(dim=-1) + (q2 - y).pow(2).mean(dim=-1)  # (N,)
-            self.critic_opt.zero_grad(set_to_none=True)
-            critic_loss.sum().backward()  # seeds have disjoint parameters: sum = per-seed gradients
-            critic_grad = clip_and_step(self.critic_opt, self.grad_clip)
-
+        critic_loss, critic_grad, q_data, y = self.critic_step(batch)
         # 2. Nd candidates per state of a fresh minibatch, scored by the updated critic
         states = batch.obs if self.shared_batch else buffers.sample(self.batch_size).obs
-        with timer.phase("sampling"):
-            best_action, q, candidates = self.select_candidates(states, self.rng)
-        entropy = None
-        if self.estimate_entropy:
-            with timer.phase("entropy"):  # (N, B, Nd, A) -> (N, B) -> (N,): per seed, never mixed
-                entropy = kl_entropy(candidates).mean(dim=-1)
-
-        with timer.phase("actor"):
-            # 3. the weight of each state's best candidate
-            w = self.q_weight(q).detach()  # (N, B)
-            if self.behavior_rule is not None:  # Kb from the candidates' Q spread (one host read)
-                self.Kb = self.behavior_rule.observe(q)
-            with torch.no_grad():  # the diagnostic's running statistics follow training's Q values
-                for transform in self._gradvar_stateful:
-                    transform(q)
+        with self.timer.phase("sampling"):
+            chosen, q, candidates = self.select_candidates(states, self.rng)
+        entropy = self.entropy_estimate(candidates) if self.estimate_entropy else None
+        with self.timer.phase("actor"):
+            # 3. the Q-weight of each state's chosen candidate
+            w = self.q_weight(q).detach()  # (N, B), or (N, B, Nd) for a per-candidate weight
+            for hook in self.hooks:
+                hook.on_candidates(self, Scored(states, candidates, q, chosen, w))
             # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
-            # 5. one weighted denoising loss over both blocks (mean over all B + B*Ne rows)
-            loss_states, loss_actions = self.policy_rows(states, best_action, self.rng)
-            loss_weights = row_weights(w, omega, self.Ne)
-            policy_loss = self.policy.loss(loss_states, loss_actions, loss_weights, self.rng)  # (N,)
-            self.policy_opt.zero_grad(set_to_none=True)
-            policy_loss.sum().backward()
-            policy_grad = clip_and_step(self.policy_opt, self.grad_clip)
-
+            # 5. the Q-weighted variational loss over the chosen and the uniform rows
+            policy_loss, policy_grad = self.policy_step(states, chosen, w, omega)
             # 6. targets
             soft_update(self.critic_target, self.critic, self.tau)
             soft_update(self.policy_target, self.policy, self.tau)
-        if hasattr(self.entropy_weight, "observe"):
-            self.entropy_weight.observe(entropy)  # sets omega for the next update
 
         metrics = {  # each (N,): one value per seed
             "loss/critic": critic_loss.detach(),
             "loss/actor": policy_loss.detach(),
-            "q/mean": q1.detach().mean(dim=-1),
+            "q/mean": q_data.detach().mean(dim=-1),
             "q/target_mean": y.mean(dim=-1),
             "q/candidates_mean": q.mean(dim=(1, 2)),
             "q/candidates_std": q.std(dim=-1).mean(dim=-1),
-            "qweight/mean": w.mean(dim=-1),
-            "qweight/frac_zero": (w == 0).float().mean(dim=-1),
+            "qweight/mean": w.flatten(1).mean(dim=-1),
+            "qweight/frac_zero": (w == 0).flatten(1).float().mean(dim=-1),
             "entropy/weight": omega,
             "grad/critic_norm": critic_grad,
             "grad/actor_norm": policy_grad,
         }
         if entropy is not None:
             metrics["entropy/estimate"] = entropy
-        if self.gradient_variance_every and step % self.gradient_variance_every == 0:
-            with timer.phase("diagnostic"):  # at the parameters this update left
-                metrics.update(weighting_gradient_variance(self, buffers, self.gradvar_weightings,
-                                                           self.gradient_variance_samples, step))
+        if hasattr(self.q_weight, "metrics"):  # e.g. MPO's temperature
+            metrics.update(self.q_weight.metrics())
+        for hook in self.hooks:
+            hook.after_update(self, buffers, step, metrics)
         return metrics
+
+    def critic_step(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """One Adam step on MSE(Q1, y) + MSE(Q2, y) per seed -> (loss (N,), gradient norm (N,),
+        Q1 of the batch (N, B), y (N, B))."""
+        y = self.td_target(batch)
+        with self.timer.phase("critic"):
+            q1, q2 = self.critic(batch.obs, batch.action)
+            critic_loss = (q1 - y).pow(2).mean(dim=-1) + (q2 - y).pow(2).mean(dim=-1)  # (N,)
+            self.critic_opt.zero_grad(set_to_none=True)
+            critic_loss.sum().backward()  # seeds have disjoint parameters: sum = per-seed gradients
+            critic_grad = clip_and_step(self.critic_opt, self.grad_clip)
+        return critic_loss, critic_grad, q1, y
+
+    def entropy_estimate(self, candidates: torch.Tensor) -> torch.Tensor:
+        """The policy's entropy per seed from the Nd candidates already drawn (no extra sampling):
+        (N, B, Nd, A) -> (N, B) -> (N,), seeds never mixed."""
+        with self.timer.phase("entropy"):
+            return kl_entropy(candidates).mean(dim=-1)
+
+    def policy_step(self, states: torch.Tensor, chosen: torch.Tensor, w: torch.Tensor, omega) -> tuple[torch.Tensor, ...]:
+        """One Adam step on the weighted denoising loss over each state's chosen candidate
+        (weight w) and its Ne uniform actions (weight omega * w): mean over all B + B * Ne rows
+        per seed -> (loss (N,), gradient norm (N,))."""
+        loss_states, loss_actions = self.policy_rows(states, chosen, self.rng)
+        policy_loss = self.policy.loss(loss_states, loss_actions, row_weights(w, omega, self.Ne), self.rng)  # (N,)
+        self.policy_opt.zero_grad(set_to_none=True)
+        policy_loss.sum().backward()
+        return policy_loss, clip_and_step(self.policy_opt, self.grad_clip)
 
     def select_candidates(self, states: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, ...]:
         """Nd candidates per state scored by the critic: (chosen (N, B, A), Q (N, B, Nd),
-        candidates (N, B, Nd, A)); the chosen one is the best by Q, or a random one with
-        train_selection = 'random' (component isolation: no selection by Q)."""
+        candidates (N, B, Nd, A)); the chosen one is the best by Q, a random one with
+        train_selection = 'random' (component isolation: no selection by Q), or every candidate
+        (N, B, Nd, A) with train_selection = 'all'."""
         best, q, candidates = best_of_candidates(self.policy, self.critic, states, self.Nd, rng,
                                                  return_candidates=True)
         if self.train_selection == "random":
             best = pick(candidates, rng.randint(self.Nd, states.shape[1]))
+        elif self.train_selection == "all":
+            best = candidates
         return best, q, candidates
 
     def policy_rows(self, states: torch.Tensor, chosen: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of the weighted denoising loss, (states, actions): each state's chosen
-        candidate, then Ne actions per state uniform on [-1, 1]^A (the entropy term)."""
+        candidate (or, chosen (N, B, K, A), each of its K candidates), then Ne actions per state
+        uniform on [-1, 1]^A (the entropy term)."""
         B, A = states.shape[1], self.action_dim
         uniform = rng.rand(B * self.Ne, A) * 2.0 - 1.0
-        return (torch.cat([states, states.repeat_interleave(self.Ne, dim=1)], dim=1),
+        chosen_states = states
+        if chosen.dim() == 4:  # every candidate a row
+            chosen_states, chosen = states.repeat_interleave(chosen.shape[2], dim=1), chosen.flatten(1, 2)
+        return (torch.cat([chosen_states, states.repeat_interleave(self.Ne, dim=1)], dim=1),
                 torch.cat([chosen, uniform], dim=1))
 
     def observe_episode(self, seed_index: int, metrics: dict[str, float]) -> None:
-        """Adaptive Kt: the trainer's measured overestimation of each finished episode."""
-        if self.target_rule is not None and "q/overestimation" in metrics:
-            self.Kt = self.target_rule.observe(metrics["q/overestimation"], metrics["q/mc_return"])
+        for hook in self.hooks:  # e.g. adaptive Kt reads the measured overestimation
+            hook.on_episode(self, seed_index, metrics)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -318,13 +306,8 @@ class QVPO(Agent):
             "q_weight": self.q_weight.state_dict(),
             "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "rng": self.rng.state_dict(),
-            **({"gradvar_weightings": {k: w.state_dict() for k, w in self.gradvar_weightings.items()}}
-               if self.gradvar_weightings else {}),
-            **({"entropy_weight": self.entropy_weight.state_dict()}
-               if hasattr(self.entropy_weight, "state_dict") else {}),
-            "K": {"Kb": self.Kb, "Kt": self.Kt,
-                  "behavior_rule": self.behavior_rule.state_dict() if self.behavior_rule else None,
-                  "target_rule": self.target_rule.state_dict() if self.target_rule else None},
+            "K": {"Kb": self.Kb, "Kt": self.Kt},  # hooks may move them (adaptive K)
+            "hooks": [hook.state_dict() for hook in self.hooks],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -333,13 +316,8 @@ class QVPO(Agent):
         for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
                      "policy_opt", "critic_opt", "rng"):
             getattr(self, name).load_state_dict(state[name])
-        for k, w in self.gradvar_weightings.items():  # absent from checkpoints of runs without it
-            if k in state.get("gradvar_weightings", {}):
-                w.load_state_dict(state["gradvar_weightings"][k])
-        if hasattr(self.entropy_weight, "load_state_dict"):  # the adaptive omega's per-seed state
-            self.entropy_weight.load_state_dict(state["entropy_weight"])
-        if "K" in state:  # adaptive Kb / Kt and their rules' smoothed signals
-            self.Kb, self.Kt = state["K"]["Kb"], state["K"]["Kt"]
-            for name in ("behavior_rule", "target_rule"):
-                if getattr(self, name) is not None and state["K"][name] is not None:
-                    getattr(self, name).load_state_dict(state["K"][name])
+        self.Kb, self.Kt = state["K"]["Kb"], state["K"]["Kt"]
+        require(len(state["hooks"]) == len(self.hooks),
+                f"the checkpoint holds {len(state['hooks'])} QVPO hook state(s), this agent has {len(self.hooks)} hook(s)")
+        for hook, hook_state in zip(self.hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)

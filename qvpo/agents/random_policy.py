@@ -10,22 +10,20 @@ from __future__ import annotations
 import gin
 import torch
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.rng import EVAL_STREAM, SeedRNG
-from qvpo.timing import PhaseTimer
 
 
-@gin.configurable
+@gin.configurable(denylist=["context"])
 class Random(Agent):
     """Actions uniform in [-1, 1]^A (the env's bounds after rescaling); `update` does nothing."""
 
     baseline = True
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,), batch_size: int = 1):
-        self._setup("Random", device, timer, seeds, batch_size, gamma=0.99)
-        self.action_dim = action_dim
+    def __init__(self, context: AgentContext,
+                 batch_size: int = 1):
+        super().__init__(context)
+        self._setup("Random", batch_size, gamma=0.99)
         self.rng = SeedRNG(self.seeds, self.device)
         self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
 

@@ -22,13 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import SeedBuffers
 from qvpo.errors import require
 from qvpo.nets import TwinQ, init_linear, mlp
 from qvpo.optim import adam, clip_and_step, frozen, soft_update
 from qvpo.rng import SeedRNG, init_generators
-from qvpo.timing import PhaseTimer
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0  # the SAC authors' reference implementation
 
@@ -62,7 +61,7 @@ class GaussianActor(nn.Module):
         return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std)
 
 
-@gin.configurable
+@gin.configurable(denylist=["context"])
 class SAC(Agent):
     """SAC agent; defaults are the paper's (Haarnoja et al. 2018b, Table 1); gin/algos/sac.gin
     restates them with sources.
@@ -79,9 +78,7 @@ class SAC(Agent):
       grad_clip: per-seed gradient-norm clip (None: the paper does not clip).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,),
+    def __init__(self, context: AgentContext,
                  warmup_steps: int = 10_000,
                  batch_size: int = 256,
                  gamma: float = 0.99,
@@ -96,7 +93,9 @@ class SAC(Agent):
                  init: str = "torch",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        self._setup("SAC", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
+        super().__init__(context)
+        obs_dim, action_dim = context.obs_dim, context.action_dim
+        self._setup("SAC", batch_size, gamma, tau, warmup_steps,
                     actor_lr=actor_lr, critic_lr=critic_lr, alpha_lr=alpha_lr)
         require(init_alpha > 0, f"SAC.init_alpha must be > 0, got {init_alpha}")
         self.grad_clip = grad_clip

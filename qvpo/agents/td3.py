@@ -18,13 +18,12 @@ import gin
 import torch
 from torch import nn
 
-from qvpo.agents.base import Agent
+from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import Batch, SeedBuffers
 from qvpo.errors import require, require_int
 from qvpo.nets import TwinQ, init_linear, mlp
 from qvpo.optim import adam, clip_and_step, frozen, soft_update
 from qvpo.rng import SeedRNG, init_generators
-from qvpo.timing import PhaseTimer
 
 
 class DeterministicActor(nn.Module):
@@ -39,7 +38,7 @@ class DeterministicActor(nn.Module):
         return torch.tanh(self.net(s))
 
 
-@gin.configurable
+@gin.configurable(denylist=["context"])
 class TD3(Agent):
     """TD3 agent; defaults are the authors' reference implementation (sfujim/TD3, main.py and
     TD3.py), which updated the paper's Table 3 (lr 1e-3, 400-300 nets, batch 100) to the values
@@ -56,9 +55,7 @@ class TD3(Agent):
       init: init_linear scheme ('torch' = PyTorch's default, as the reference code).
     """
 
-    def __init__(self, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 total_steps: int = 1_000_000, timer: PhaseTimer | None = None,
-                 seeds: tuple[int, ...] = (0,),
+    def __init__(self, context: AgentContext,
                  warmup_steps: int = 25_000,
                  batch_size: int = 256,
                  gamma: float = 0.99,
@@ -74,7 +71,9 @@ class TD3(Agent):
                  init: str = "torch",
                  grad_clip: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] = adam):
-        self._setup("TD3", device, timer, seeds, batch_size, gamma, tau, warmup_steps,
+        super().__init__(context)
+        obs_dim, action_dim = context.obs_dim, context.action_dim
+        self._setup("TD3", batch_size, gamma, tau, warmup_steps,
                     actor_lr=actor_lr, critic_lr=critic_lr)
         require_int(policy_delay, "TD3.policy_delay", 1)
         require(min(exploration_noise, policy_noise, noise_clip) >= 0, "TD3 noise scales must be >= 0")

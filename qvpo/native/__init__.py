@@ -1,12 +1,21 @@
 """Native CPU kernels for the diffusion sampler: Mish, the first layer fused with it, and the
 whole sampler in one call (`sample_fused`: float32 on AVX-512 CPUs, bfloat16 on AMX CPUs).
 
-`sampler.c` is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this
-CPU (-O3 -march=native, OpenMP when the compiler has it) into a per-user cache
-(`$QVPO_CACHE_DIR`, else ~/.cache/qvpo), keyed by the source, the flags, the compiler and the
-CPU, and loaded with ctypes: no build step at install time, and no torch headers. Where no
-compiler works, `library()` returns None with one warning and the sampler uses torch ops (same
-maths, slower). `QVPO_NATIVE=0` turns the kernels off.
+How they are built: `sampler.c` (the kernels: C that also compiles as C++) and `ops.cpp` (their
+bindings, torch.library ops `torch.ops.qvpo_native.*` on CPU tensors) are compiled on first use by
+torch's JIT extension builder, `torch.utils.cpp_extension.load`: torch's headers, compiler
+(`$CXX`, else `c++`) and ninja (`pip install ninja` where there is none); its file lock when
+several processes build at once; ninja's incremental rebuild. Flags: -O3 -march=native and OpenMP
+(not on macOS), -ffp-contract=off. The build goes to `$QVPO_CACHE_DIR/native/<key>` (default
+~/.cache/qvpo; the key is the sources, the flags, the torch version and the CPU, so a cache shared
+between machines never mixes -march=native builds); where that directory is not writable, to one
+under the system's temporary directory, said in one warning. Dispatch (CPU only) and the
+gradient of `mish` are torch's (torch.library.register_autograd).
+
+When they run: `enabled()` (QVPO_NATIVE=1 or 0, else `default_on`: x86-64 Linux with AVX-512,
+where they were measured faster). When they are off, or fail to build (one warning), `library()`
+returns None and the sampler uses torch ops: the same maths. `describe()` says which path runs
+here and why (`make bench` prints it).
 
 Why: on CPU an exact Mish in torch ops is several passes over memory with fresh allocations and
 costs about as much as the matmuls that feed it (docs/paper-notes.md#cost); here each
@@ -15,14 +24,14 @@ element is read once and written once while it is in cache.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
-import shlex
+import re
 import shutil
-import subprocess
+import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,15 +39,30 @@ import torch
 
 from qvpo.errors import one_line
 
-SOURCE = Path(__file__).with_name("sampler.c")
-_lib: ctypes.CDLL | None = None
+HERE = Path(__file__).parent
+SOURCE = HERE / "sampler.c"
+SOURCES = (HERE / "ops.cpp", SOURCE, HERE / "sampler.h")  # compiled: the first two; sampler.h is included
+NAME = "qvpo_native"  # the extension, and the namespace of its ops (TORCH_LIBRARY in ops.cpp)
+_lib = None            # torch.ops.qvpo_native once loaded and enabled, else None (see library())
 _tried = False
+# this process's load (a second copy of the ops could not be registered): the .so, and a note
+# when it was built away from the cache (not writable)
+_loaded: Path | None = None
+_note: str | None = None
+_why = ""              # why library() answers what it does (for describe)
+_ops = torch.ops.qvpo_native  # the ops' namespace: resolves its names once the library is loaded
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("QVPO_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qvpo")
-    return Path(root) / "native"
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _cpu_id() -> str:
@@ -51,87 +75,220 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def _flag_sets() -> list[list[str]]:
-    """Flag sets to try, fastest first (a compiler may lack -march=native, the vector-width
-    hint or OpenMP; without OpenMP the kernels run on one thread)."""
-    base = ["-O3", "-shared", "-fPIC", "-std=c99", "-fno-math-errno", "-fno-trapping-math"]
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    tuned = ["-march=native"] + (["-mprefer-vector-width=512"] if x86 else [])
-    march = ["-march=native"]
-    sets = [base + tuned + ["-fopenmp"], base + march + ["-fopenmp"], base + tuned, base + march,
-            base + ["-fopenmp"], base]
-    return [f for i, f in enumerate(sets) if f not in sets[:i]]
+# The default, stated once. The native path was measured faster than torch ops on x86-64 Linux
+# CPUs with AVX-512 (`make bench`: test_qvpo_update_paper_settings, native, against
+# test_qvpo_update_fast_modes[fp32-False-False-fp32], torch ops; docs/speed-results.md), where
+# the whole sampler runs in one call (sampler.c needs AVX512F and AVX512BW for it). Nothing else
+# was measured: without AVX-512 only the per-layer kernels exist (torch's matmuls, then portable C
+# loops), macOS builds without OpenMP, no ARM machine was timed. There: torch ops, unless
+# QVPO_NATIVE=1.
+MEASURED_FASTER = "x86-64 Linux with AVX-512"
 
 
-def _build() -> Path:
-    cc = shlex.split(os.environ.get("CC", "cc"))  # e.g. CC="ccache gcc"
-    if not cc or shutil.which(cc[0]) is None:
-        raise RuntimeError(f"no C compiler {os.environ.get('CC', 'cc')!r} on PATH (set $CC)")
-    source = SOURCE.read_bytes()
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    targets = []
-    for flags in _flag_sets():
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
-                                         _cpu_id().encode()])).hexdigest()[:16]
-        targets.append((flags, _cache_dir() / f"sampler-{key}.so"))
-    for _, target in targets:  # a build made earlier with any flag set: no compiler run at all
-        if target.exists():
-            return target
-    errors = []
-    for flags, target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # build to a temporary name, then rename: concurrent sweep workers never load half a file
-        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                                  timeout=300)
-            if proc.returncode == 0:
-                os.chmod(tmp, 0o755)  # readable by others sharing the cache (mkstemp makes it 0600)
-                os.replace(tmp, target)
-                return target
-            errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError(f"{' '.join(cc)} could not build {SOURCE.name}: {errors[-1]}")
+def default_on(system: str, machine: str, cpu_flags: set[str]) -> tuple[bool, str]:
+    """Whether the kernels are on by default on this platform (platform.system(), .machine(),
+    the CPU's flags), and why."""
+    x86 = machine.lower() in ("x86_64", "amd64")
+    if system == "Linux" and x86 and {"avx512f", "avx512bw"} <= cpu_flags:
+        return True, (f"on by default on {MEASURED_FASTER}, where it was measured faster than torch ops "
+                      "(QVPO_NATIVE=0 turns it off)")
+    where = f"{system} {machine}" + (" without AVX-512" if x86 and system == "Linux" else "")
+    return False, (f"off by default on {where}: measured faster only on {MEASURED_FASTER} "
+                   "(QVPO_NATIVE=1 turns it on)")
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (no compiler, QVPO_NATIVE=0): callers fall back to torch."""
-    global _lib, _tried
+def enabled() -> tuple[bool, str]:
+    """Whether the kernels should run here, and why: QVPO_NATIVE=1 or 0 decides; unset (or
+    'auto'), `default_on` for this machine."""
+    value = os.environ.get("QVPO_NATIVE", "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True, f"on: QVPO_NATIVE={value}"
+    if value in ("0", "false", "off", "no"):
+        return False, f"off: QVPO_NATIVE={value}"
+    return default_on(platform.system(), platform.machine(), _cpu_flags())
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    """Compiler and linker flags. -ffp-contract=off: no multiply-add fused that the source does
+    not write (the C99 build before this one had none either: the same rounding, the same bits)."""
+    cflags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    if platform.system() == "Darwin":  # Apple's clang has no OpenMP and not always -march=native
+        return cflags, []
+    cflags += ["-march=native", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        cflags.append("-mprefer-vector-width=512")
+    return cflags, ["-fopenmp"]
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("QVPO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qvpo")
+    return Path(root)
+
+
+def _key(cflags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in SOURCES), " ".join(cflags).encode(), torch.__version__.encode(),
+                 _cpu_id().encode()]:
+        h.update(part + b"\0")
+    return f"torch{torch.__version__.split('+')[0]}-{h.hexdigest()[:16]}"
+
+
+def _not_writable(d: Path) -> str | None:
+    """None if files can be made in d (made if missing), else why not (one line)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+        return None
+    except OSError as e:
+        return f"{e.strerror or type(e).__name__}"
+
+
+def build_dir(cflags: list[str]) -> tuple[Path, str | None]:
+    """Where the kernels are built: the cache's directory for this key, or, when that is not
+    writable (torch's build takes a lock file there, ninja its logs), the same key under the
+    system's temporary directory. Returns it and, for the latter, a note saying so."""
+    key = _key(cflags)
+    home = _cache_root() / "native" / key
+    why = _not_writable(home)
+    if why is None:
+        return home.resolve(), None
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    tmp = Path(tempfile.gettempdir()) / f"qvpo-native-{uid}" / key
+    if _not_writable(tmp) is not None:
+        raise RuntimeError(f"neither the cache {home} ({why}) nor {tmp} is writable")
+    return tmp.resolve(), f"the cache {home.parent} is not writable ({why}): built in {tmp}"
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    """The sources live in the build directory, so its build.ninja names the same paths for every
+    checkout or install that shares the cache (no rebuild when another one loads). Written only
+    when different (ninja goes by modification times), atomically (another process may build)."""
+    data = src.read_bytes()
+    if dst.exists() and dst.read_bytes() == data:
+        return
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dst)
+
+
+STALE_LOCK_S = 600  # a build takes seconds; a lock this old was left by a process that was killed
+
+
+def _clear_stale_lock(where: Path) -> None:
+    """torch's builder waits, without end, while the lock file of a build in progress exists; a
+    process killed while building leaves it behind. One older than any build is removed."""
+    lock = where / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return  # no lock: nobody is building
+    if age > STALE_LOCK_S:
+        warnings.warn(f"qvpo: removing {lock}, left {age:.0f} s ago by a build that did not finish",
+                      RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+
+
+def _build_error(e: BaseException) -> str:
+    """One line for a failed build: the compiler's first error line, not torch's command echo."""
+    lines = str(e).splitlines()
+    errors = [ln.strip() for ln in lines[1:] if re.search(r"\berror\b", ln, re.IGNORECASE)]
+    return (lines[0].split(":")[0] + ": " + errors[0]) if errors else one_line(e)
+
+
+def _ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the `ninja` package (a dependency on x86-64 Linux) puts
+    it beside the interpreter, which is not on PATH when a venv's python runs without activation."""
+    if shutil.which("ninja") is None:
+        scripts = sysconfig.get_path("scripts")
+        if scripts and Path(scripts, "ninja").exists():
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
+def load() -> Path:
+    """Build (or find in the cache) and load the kernels whatever `enabled()` says; returns the
+    shared library. Raises if they cannot be built. Once per process: the ops of a second copy
+    could not be registered."""
+    global _loaded, _note
+    if _loaded is not None:
+        return _loaded
+    from torch.utils import cpp_extension  # here: it imports setuptools, slow, needed only to build
+
+    cflags, ldflags = _flags()
+    where, note = build_dir(cflags)
+    for src in SOURCES:
+        _copy_if_changed(src, where / src.name)
+    _clear_stale_lock(where)
+    _ninja_on_path()
+    try:
+        cpp_extension.load(name=NAME, sources=[str(where / "ops.cpp"), str(where / "sampler.c")],
+                           extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(where),
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - torch's build error: its first compiler error line
+        raise RuntimeError(_build_error(e)) from e
+    # the gradient of mish is torch's autograd: forward and backward are both native ops
+    torch.library.register_autograd(f"{NAME}::mish", _mish_grad, setup_context=_mish_setup)
+    for op in ("mish", "mish_backward"):  # shapes for tracing (torch.compile, meta tensors)
+        torch.library.register_fake(f"{NAME}::{op}")(lambda x, *rest: torch.empty_like(x))
+    _loaded, _note = where / f"{NAME}.so", note
+    if note:
+        warnings.warn(f"qvpo: {note}", RuntimeWarning, stacklevel=2)
+    return _loaded
+
+
+def _mish_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _mish_grad(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return mish_backward(x, grad.contiguous())
+
+
+def library():
+    """The kernels' ops (torch.ops.qvpo_native) if they run here, else None: off here
+    (`enabled()`), or they failed to build (one warning). Callers then use torch ops."""
+    global _lib, _tried, _why
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("QVPO_NATIVE", "1") == "0":
+    on, _why = enabled()
+    if not on:
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        load()
     except Exception as e:  # noqa: BLE001 - any build/load failure means: use torch ops
+        _why = f"the native kernels did not build ({one_line(e)})"
         warnings.warn(f"qvpo: native sampler kernels unavailable ({one_line(e)}); the sampler "
                       "uses torch ops (same maths, slower on CPU)", RuntimeWarning, stacklevel=2)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qvpo_mish.argtypes = [ptr, ptr, i64, ctypes.c_int]
-    lib.qvpo_mish.restype = None
-    lib.qvpo_mish_backward.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
-    lib.qvpo_mish_backward.restype = None
-    lib.qvpo_first_layer_mish.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_int] * 2
-    lib.qvpo_first_layer_mish.restype = None
-    lib.qvpo_bias_mish.argtypes = [ptr, ptr, ptr] + [i64] * 4 + [ctypes.c_int] * 2
-    lib.qvpo_bias_mish.restype = None
-    lib.qvpo_bias_mish_out.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int] * 2
-    lib.qvpo_bias_mish_out.restype = None
-    lib.qvpo_amx_init.argtypes = []
-    lib.qvpo_amx_init.restype = ctypes.c_int
-    lib.qvpo_fused_available.argtypes = [ctypes.c_int]
-    lib.qvpo_fused_available.restype = ctypes.c_int
-    lib.qvpo_sample_fused.argtypes = [ptr] * 10 + [i64] * 9 + [ctypes.c_int] * 3
-    lib.qvpo_sample_fused.restype = ctypes.c_int
-    lib.qvpo_mlp_fused.argtypes = [ptr] * 9 + [i64] * 10 + [ctypes.c_int] * 2
-    lib.qvpo_mlp_fused.restype = ctypes.c_int
-    _lib = lib
+    _lib = torch.ops.qvpo_native
     return _lib
+
+
+def describe(where: bool = True) -> str:
+    """One line: the path the sampler takes here by default (native fused, native per-layer or
+    torch ops) and why (`where`: and the build directory); loads the kernels if they are on."""
+    if library() is None:
+        return f"torch ops: {_why or 'the native kernels are off in this process'}"
+    if fused_usable(False):
+        path = "native fused (the whole sampler in one call; float32" + \
+            (", and bf16 on AMX)" if fused_usable(True) else " only, no AMX here for bf16)")
+    else:
+        path = "native (per-layer kernels; the fused sampler needs AVX-512)"
+    return f"{path}: {_why}" + (f"; built in {_loaded.parent}" if where else "") + (f" ({_note})" if _note else "")
+
+
+class MishFunction:
+    """Mish with the native forward and backward under autograd (CPU float32, first-order
+    gradients): `apply(x)` is the op qvpo_native::mish, whose gradient `load` registers with
+    torch.library (the name is the autograd.Function this used to be)."""
+
+    @staticmethod
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return mish(x.contiguous())
 
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -159,13 +316,17 @@ def _check_first_layer(what: str, R: int, W_a: torch.Tensor, state_part: torch.T
 
 
 def mish(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Mish of a contiguous CPU float32 tensor into `out` (a new tensor if None; may be x)."""
+    """Mish of a contiguous CPU float32 tensor into `out` (may be x), or, if None, into a new
+    tensor, differentiable (the op qvpo_native::mish: its gradient is `mish_backward`)."""
     _check(x.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu",
            "mish needs a contiguous CPU float32 tensor")
-    out = torch.empty_like(x) if out is None else out
+    if out is None:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _ops.mish(x)
+        out = torch.empty_like(x)  # no graph to record: skip the autograd kernel (a few us a call)
     _check(out.is_contiguous() and out.shape == x.shape and out.dtype == x.dtype and out.device == x.device,
            "mish: bad out")
-    library().qvpo_mish(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    _ops.mish_out(x, out)
     return out
 
 
@@ -174,25 +335,7 @@ def mish_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     _check(x.is_contiguous() and grad.is_contiguous() and x.shape == grad.shape
            and x.dtype == grad.dtype == torch.float32 and x.device.type == grad.device.type == "cpu",
            "mish_backward needs contiguous CPU float32 x and grad of one shape")
-    out = torch.empty_like(x)
-    library().qvpo_mish_backward(x.data_ptr(), grad.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
-    return out
-
-
-class MishFunction(torch.autograd.Function):
-    """Mish with the native forward and backward (CPU float32, first-order gradients)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.contiguous()
-        ctx.save_for_backward(x)
-        return mish(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return mish_backward(x, grad.contiguous())
+    return _ops.mish_backward(x, grad)
 
 
 def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tensor,
@@ -206,7 +349,6 @@ def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tenso
     """
     N, R, A = x.shape
     H = W_a.shape[-1]
-    S = state_part.shape[1]
     _check(x.is_contiguous() and out.is_contiguous() and out.shape == (N, R, H) and out.data_ptr() != x.data_ptr(),
            "first_layer_mish: bad x or out (out must be a tensor of its own)")
     _check_first_layer("first_layer_mish", R, W_a, state_part, N, A, H)
@@ -214,10 +356,7 @@ def first_layer_mish(x: torch.Tensor, W_a: torch.Tensor, state_part: torch.Tenso
     for t in (x, W_a, state_part, step_part):
         _check(t.dtype == torch.float32 and t.device.type == "cpu", "first_layer_mish: CPU float32 inputs only")
     _check(out.dtype in _OUT_DTYPES and out.device.type == "cpu", "first_layer_mish: out must be CPU float32 or bfloat16")
-    library().qvpo_first_layer_mish(x.data_ptr(), W_a.data_ptr(), state_part.data_ptr(),
-                                    step_part.data_ptr(), out.data_ptr(), N, R, A, H, R // S,
-                                    W_a.stride(0), state_part.stride(0), step_part.stride(0),
-                                    int(out.dtype == torch.bfloat16), torch.get_num_threads())
+    _ops.first_layer_mish(x, W_a, state_part, step_part, out)
     return out
 
 
@@ -233,8 +372,7 @@ def bias_mish(x: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = No
     _check(x.dtype in _OUT_DTYPES and out.dtype == x.dtype and bias.dtype == torch.float32
            and x.device.type == out.device.type == bias.device.type == "cpu",
            "bias_mish: CPU x and out both float32 or both bfloat16, bias float32")
-    library().qvpo_bias_mish(x.data_ptr(), bias.data_ptr(), out.data_ptr(), N, R, H, bias.stride(0),
-                             int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    _ops.bias_mish(x, bias, out)
     return out
 
 
@@ -260,9 +398,7 @@ def bias_mish_out(x: torch.Tensor, bias: torch.Tensor, W_out_t: torch.Tensor, b_
                f"bias_mish_out: bad bias {tuple(b.shape)}")
     for t in (x, bias, W_out_t, b_out, out):
         _check(t.device.type == "cpu" and (t is x or t.dtype == torch.float32), "bias_mish_out: CPU float32 only")
-    library().qvpo_bias_mish_out(x.data_ptr(), bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(),
-                                 out.data_ptr(), N, R, H, A, bias.stride(0), W_out_t.stride(0),
-                                 b_out.stride(0), int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    _ops.bias_mish_out(x, bias, W_out_t, b_out, out)
     return out
 
 
@@ -274,8 +410,7 @@ def fused_usable(bf16: bool) -> bool:
     on CPUs with AMX-BF16 whose OS lets this process use AMX tiles (Linux grants them per
     process on request)."""
     if bf16 not in _fused:
-        lib = library()
-        _fused[bf16] = lib is not None and bool(lib.qvpo_fused_available(int(bf16)))
+        _fused[bf16] = library() is not None and bool(_ops.fused_available(bf16))
     return _fused[bf16]
 
 
@@ -346,7 +481,7 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
     coefs (T, 5): NoiseSchedule.step_coefs. Callers check `fused_ok`.
     """
     N, T, R, A = noise.shape
-    H, S = W_a.shape[-1], state_part.shape[1]
+    H = W_a.shape[-1]
     _check(T >= 1, f"sample_fused: needs rows, steps and seeds, got {tuple(noise.shape)}")
     _check(W_a.shape[:2] == (N, A), f"sample_fused: bad {tuple(W_a.shape)}")
     Wp, bias, W_out_t, b_out = _fused_network("sample_fused", R, W_a, state_part, hidden, W_out_t, b_out,
@@ -354,14 +489,8 @@ def sample_fused(noise: torch.Tensor, state_part: torch.Tensor, step_part: torch
     _check(W_out_t.shape[1] == A and step_part.shape == (N, T, H) and coefs.shape == (T, 5),
            "sample_fused: bad step part, output layer or coefficients")
     noise, step_part, coefs = noise.contiguous(), step_part.contiguous(), coefs.contiguous()
-    out = torch.empty(N, R, A, dtype=torch.float32)
-    rc = library().qvpo_sample_fused(
-        noise.data_ptr(), state_part.data_ptr(), step_part.data_ptr(), W_a.data_ptr(), Wp.data_ptr(),
-        bias.data_ptr(), W_out_t.data_ptr(), b_out.data_ptr(), coefs.data_ptr(), out.data_ptr(),
-        N, T, R, A, H, len(hidden), R // S, state_part.stride(0), W_a.stride(0), int(clip_x0), int(bf16),
-        torch.get_num_threads())
-    _fused_rc(rc, "sampler")
-    return out
+    return _ops.sample_fused(noise, state_part, step_part, W_a, Wp, bias, W_out_t, b_out, coefs,
+                             bool(clip_x0), bool(bf16))
 
 
 def _pack_hidden(hidden, N: int, H: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,12 +506,6 @@ def _pack_hidden(hidden, N: int, H: int, bf16: bool) -> tuple[torch.Tensor, torc
     return Wp, bias
 
 
-def _fused_rc(rc: int, what: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"qvpo.native: the fused {what} failed (code {rc}: "
-                           f"{'not available here' if rc == -1 else 'out of memory'})")
-
-
 def mlp_fused(x: torch.Tensor, state_part: torch.Tensor, b1: torch.Tensor, W_a: torch.Tensor,
               hidden: list[tuple[torch.Tensor, torch.Tensor]], W_out_t: torch.Tensor,
               b_out: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -395,17 +518,10 @@ def mlp_fused(x: torch.Tensor, state_part: torch.Tensor, b1: torch.Tensor, W_a: 
     (N, O, H), b_out (N, O) or (N, 1, O): the output layer. bf16: hidden matmuls in bfloat16 on
     AMX. Callers check `fused_ok` (and O <= MAX_OUT)."""
     N, R, A = x.shape
-    H, S = W_a.shape[-1], state_part.shape[1]
+    H = W_a.shape[-1]
     _check(W_a.shape[:2] == (N, A), f"mlp_fused: bad {tuple(W_a.shape)}")
     Wp, bias, W_out_t, b_out = _fused_network("mlp_fused", R, W_a, state_part, hidden, W_out_t, b_out,
                                               [x, b1], bf16)
     _check(b1.shape[0] == N and b1.shape[-1] == H and b1.numel() == N * H and b1.stride(-1) == 1,
            f"mlp_fused: bad first-layer bias {tuple(b1.shape)}")
-    x, O = x.contiguous(), W_out_t.shape[1]
-    out = torch.empty(N, R, O, dtype=torch.float32)
-    rc = library().qvpo_mlp_fused(
-        x.data_ptr(), state_part.data_ptr(), b1.data_ptr(), W_a.data_ptr(), Wp.data_ptr(), bias.data_ptr(),
-        W_out_t.data_ptr(), b_out.data_ptr(), out.data_ptr(), N, R, A, H, len(hidden), O, R // S,
-        state_part.stride(0), b1.stride(0), W_a.stride(0), int(bf16), torch.get_num_threads())
-    _fused_rc(rc, "MLP")
-    return out
+    return _ops.mlp_fused(x.contiguous(), state_part, b1, W_a, Wp, bias, W_out_t, b_out, bool(bf16))

@@ -1,20 +1,30 @@
 /* The diffusion sampler's element-wise work, fused and vectorised for CPUs.
  *
- * Built on first use by qvpo/native/__init__.py with the machine's C compiler (-O3
- * -march=native) and called through ctypes on float32 tensors' data pointers. Why it exists:
- * on a 2-core AVX-512 CPU, PyTorch's Mish (and a one-exp form of it in torch ops) costs about
- * as much as the 256x256 matmuls that feed it, because every op is a pass over memory with a
- * fresh allocation. Here each element is read once, kept in registers, and written once.
+ * Compiled on first use by torch.utils.cpp_extension, as C++ (-O3 -march=native, OpenMP), with
+ * ops.cpp, which registers these functions as torch.library ops (qvpo_native::*): see
+ * qvpo/native/__init__.py. The code is C that is also valid C++ (sampler.h declares the entry
+ * points). Why it exists: on a 2-core AVX-512 CPU, PyTorch's Mish (and a one-exp form of it in
+ * torch ops) costs about as much as the 256x256 matmuls that feed it, because every op is a pass
+ * over memory with a fresh allocation. Here each element is read once, kept in registers, and
+ * written once.
  *
  * Maths: Mish(x) = x tanh(softplus(x)) = x n / (n + 2), n = e^x (e^x + 2), exact up to float32
  * rounding of exp (a degree-6 polynomial after Cody-Waite range reduction: relative error
  * below 4e-7). e^x is clamped to x in [-87, 20]: for x > 20, n / (n + 2) is 1 in float32; for
- * x < -87, |Mish(x)| < 1e-35. NaN inputs give NaN outputs.
+ * x < -87, |Mish(x)| < 1e-35. NaN inputs give NaN outputs. Built with -ffp-contract=off: no
+ * multiply-add is fused that the source does not write as one, so every path rounds as written.
  */
-#define _GNU_SOURCE  /* syscall() for the AMX permission request */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  /* syscall() for the AMX permission request (g++ defines it already) */
+#endif
+#ifdef __cplusplus
+#define restrict __restrict__  /* C99's restrict, as GCC and Clang spell it in C++ */
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "sampler.h"
 
 /* Below this many elements a call runs on one thread: a fork-join costs more than the work,
  * and far more when processes share the cores (a sweep's workers), as torch's own ops do. */
@@ -454,7 +464,7 @@ static int buffers_init(block_buffers *b, int64_t rows_blk, int64_t H, int bf16)
     const size_t elem = bf16 ? 2 : 4;
     b->h0 = aligned_alloc(64, rows_blk * H * elem);
     b->h1 = aligned_alloc(64, rows_blk * H * elem);
-    b->hf = aligned_alloc(64, rows_blk * H * 4);
+    b->hf = (float *)aligned_alloc(64, rows_blk * H * 4);
 #ifdef QVPO_AMX
     if (bf16) {
         tile_config cfg __attribute__((aligned(64)));
@@ -495,10 +505,10 @@ static void mlp_block(block_buffers *b, int64_t A, const float *sp, int64_t rows
         void *dst = l == L - 1 ? (void *)b->hf : hout;
 #ifdef QVPO_AMX
         if (bf16)
-            amx_layer_mish(hin, (const uint16_t *)Wp + l * H * H, bias + l * H, dst, l == L - 1, H, b->C);
+            amx_layer_mish((const uint16_t *)hin, (const uint16_t *)Wp + l * H * H, bias + l * H, dst, l == L - 1, H, b->C);
         else
 #endif
-            fma_layer_mish(hin, (const float *)Wp + l * H * H, bias + l * H, dst, rows_blk, H);
+            fma_layer_mish((const float *)hin, (const float *)Wp + l * H * H, bias + l * H, (float *)dst, rows_blk, H);
         void *tmp = hin; hin = hout; hout = tmp;
     }
     for (int64_t r = 0; r < rows_blk; r++) {

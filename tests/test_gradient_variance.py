@@ -1,12 +1,13 @@
-"""qvpo.diagnostics: the gradient-variance estimator, the ESS, and the diagnostic on a tiny QVPO."""
+"""qvpo.research.gradient_variance: the gradient-variance estimator, the ESS, and the diagnostic on a tiny QVPO."""
 
 import gin
 import pytest
 import torch
 
+from qvpo.agents.base import AgentContext
 from qvpo.agents.qvpo import QVPO
-from qvpo.diagnostics import (build_weightings, effective_sample_size, scale_free_variance,
-                              weighting_gradient_variance)
+from qvpo.research.gradient_variance import (GradientVariance, build_weightings, effective_sample_size,
+                                             scale_free_variance, weighting_gradient_variance)
 from qvpo.weights import QExp
 from qvpo.identity import RESULTS_VERSION, VERSION_TAG
 from test_qvpo_agent import filled_buffers
@@ -54,7 +55,7 @@ def test_effective_sample_size_hand_examples():
 
 
 def _trained(seeds, tiny_updates=2):
-    agent = QVPO(3, 2, seeds=seeds, **TINY_AGENT)
+    agent = QVPO(AgentContext(3, 2, seeds=seeds), **TINY_AGENT)
     buffers = filled_buffers(seeds)
     for step in range(1, tiny_updates + 1):
         agent.update(buffers, step)
@@ -117,26 +118,16 @@ def test_scale_free_variance_ignores_the_scale_of_the_weights(tiny):
     torch.testing.assert_close(out["gradvar/qcut/ess"], torch.ones(1))
 
 
-def test_batched_seeds_equal_separate_seeds(tiny):
-    seeds = (3, 4)
-    batched, bufs = _trained(seeds)
-    out = weighting_gradient_variance(batched, bufs, _weightings(batched), K=4, step=10)
-    for k, s in enumerate(seeds):
-        alone, b1 = _trained((s,))
-        one = weighting_gradient_variance(alone, b1, _weightings(alone), K=4, step=10)
-        for key, v in one.items():
-            torch.testing.assert_close(out[key][k], v[0], rtol=1e-5, atol=1e-5, msg=key)
-
-
 def test_agent_hook_is_off_by_default_and_logs_every_n_steps(tiny):
     buffers = filled_buffers((0,))
-    plain = QVPO(3, 2, **TINY_AGENT)
-    assert plain.gradient_variance_every == 0 and plain.gradvar_weightings == {}
+    plain = QVPO(AgentContext(3, 2), **TINY_AGENT)
+    assert plain.hooks == []
     assert not any(k.startswith("gradvar/") for k in plain.update(buffers, 10))
-    assert "gradvar_weightings" not in plain.state_dict()
+    assert plain.state_dict()["hooks"] == []
 
-    agent = QVPO(3, 2, gradient_variance_every=5, gradient_variance_samples=3, q_weight=QExp(), **TINY_AGENT)
-    twin = QVPO(3, 2, gradient_variance_every=0, q_weight=QExp(), **TINY_AGENT)
+    diagnostic = GradientVariance(every=5, samples=3)
+    agent = QVPO(AgentContext(3, 2), hooks=[diagnostic], q_weight=QExp(), **TINY_AGENT)
+    twin = QVPO(AgentContext(3, 2), q_weight=QExp(), **TINY_AGENT)
     buffers, b2 = filled_buffers((0,)), filled_buffers((0,))
     for step in range(1, 11):
         m = agent.update(buffers, step)
@@ -149,18 +140,19 @@ def test_agent_hook_is_off_by_default_and_logs_every_n_steps(tiny):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     torch.testing.assert_close(m["loss/actor"], m2["loss/actor"], rtol=0, atol=0)
     # the diagnostic's qexp followed the training Q values as the training QExp did
-    torch.testing.assert_close(agent.gradvar_weightings["qexp"].mean, agent.q_weight.mean)
+    torch.testing.assert_close(diagnostic.weightings["qexp"].mean, agent.q_weight.mean)
     state = agent.state_dict()
-    fresh = QVPO(3, 2, gradient_variance_every=5, q_weight=QExp(), **TINY_AGENT)
+    fresh_diagnostic = GradientVariance(every=5)
+    fresh = QVPO(AgentContext(3, 2), hooks=[fresh_diagnostic], q_weight=QExp(), **TINY_AGENT)
     fresh.load_state_dict(state)
-    torch.testing.assert_close(fresh.gradvar_weightings["qexp"].var, agent.gradvar_weightings["qexp"].var)
+    torch.testing.assert_close(fresh_diagnostic.weightings["qexp"].var, diagnostic.weightings["qexp"].var)
 
 
 def test_unknown_weighting_is_a_config_error():
     from qvpo.errors import ConfigError
 
     with pytest.raises(ConfigError, match="qnope"):
-        QVPO(3, 2, gradient_variance_every=1, gradient_variance_weightings=("qadv", "qnope"))
+        QVPO(AgentContext(3, 2), hooks=[GradientVariance(every=1, weightings=("qadv", "qnope"))])
 
 
 def test_report_section_recomputes_wilcoxon(tmp_path):

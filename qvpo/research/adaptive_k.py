@@ -17,6 +17,8 @@ Each rule smooths its signal with an exponential moving average and only moves a
 observations on the same side of its band (hysteresis). K is one number per process: a run that
 trains several seeds together cannot give each its own K (the shapes would differ), so QVPO
 refuses adaptive K with seeds_per_process > 1.
+
+Both attach to QVPO as hooks (qvpo.hooks): `QVPO.hooks = [@SpreadKb(), @BiasKt()]`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from __future__ import annotations
 import gin
 
 from qvpo.errors import require
+from qvpo.hooks import QVPOHook
 
 
-class _StepRule:
+class _StepRule(QVPOHook):
     def __init__(self, values: tuple[int, ...], initial: int, low: float, high: float, momentum: float,
                  patience: int, name: str):
         values = tuple(sorted(int(v) for v in values))
@@ -53,6 +56,10 @@ class _StepRule:
             self._count = 0
         return self.value
 
+    def attach(self, agent) -> None:
+        require(len(agent.seeds) == 1, f"adaptive Kb / Kt ({type(self).__name__} in QVPO.hooks) needs "
+                "Trainer.seeds_per_process = 1: seeds trained together share one K")
+
     def state_dict(self) -> dict:
         return {"index": self.index, "signal": self.signal, "count": self._count}
 
@@ -70,6 +77,13 @@ class SpreadKb(_StepRule):
                  high: float = 0.05, momentum: float = 0.01, patience: int = 1000):
         super().__init__(values, initial, low, high, momentum, patience, "SpreadKb")
 
+    def attach(self, agent) -> None:
+        super().attach(agent)
+        agent.Kb = self.value
+
+    def on_candidates(self, agent, scored) -> None:
+        agent.Kb = self.observe(scored.q)  # one host read per update
+
     def observe(self, q) -> int:
         """q: the candidates' Q values (1, B, Nd) of one update."""
         spread = float((q.std(dim=-1) / (q.mean(dim=-1).abs() + 1.0)).mean())
@@ -85,6 +99,15 @@ class BiasKt(_StepRule):
     def __init__(self, values: tuple[int, ...] = (1, 2, 4, 8, 16), initial: int = 4, low: float = 0.05,
                  high: float = 0.2, momentum: float = 0.1, patience: int = 3):
         super().__init__(values, initial, low, high, momentum, patience, "BiasKt")
+
+    def attach(self, agent) -> None:
+        super().attach(agent)
+        agent.Kt = self.value
+
+    def on_episode(self, agent, seed_index: int, metrics: dict[str, float]) -> None:
+        """The trainer's measured overestimation of each finished episode."""
+        if "q/overestimation" in metrics:
+            agent.Kt = self.observe(metrics["q/overestimation"], metrics["q/mc_return"])
 
     def observe(self, overestimation: float, mc_return: float) -> int:
         return self._observe(overestimation / (abs(mc_return) + 1.0), up_when_high=False)

@@ -1,6 +1,7 @@
 """Gradient-variance diagnostic of the Q-weightings (open question 3 of the QVPO paper,
 docs/paper-notes.md#open-questions: advantage versus raw Q as the weight;
-reproduce/open_weight_variance).
+reproduce/open_weight_variance). Attached as a hook (qvpo.hooks):
+`QVPO.hooks = [@GradientVariance()]`, `GradientVariance.every = 10000`.
 
 At the agent's current parameters, K independent minibatch + candidate draws, shared by every
 weighting (paired), each give one policy gradient per weighting of the loss QVPO optimises (the
@@ -24,14 +25,17 @@ from __future__ import annotations
 
 import copy
 
+import gin
 import torch
 
+from qvpo.agents.qvpo import row_weights
 from qvpo.buffers import SeedBuffers
 from qvpo.errors import require, require_int
+from qvpo.hooks import QVPOHook
 from qvpo.rng import DIAGNOSTIC_STREAM, SeedRNG
 from qvpo.weights import QAdv, QCut, QExp, QExpAdv, QReLU, QWeight, Uniform
 
-# gin names of the weightings (QVPO.gradient_variance_weightings) -> the transform; each is built
+# gin names of the weightings (GradientVariance.weightings) -> the transform; each is built
 # with its gin-bound arguments (QCut.c, QExp.beta, ...)
 WEIGHTINGS = {"qadv": QAdv, "qcut": QCut, "qrelu": QReLU, "qexp": QExp, "qexpadv": QExpAdv,
               "uniform": Uniform}
@@ -42,7 +46,7 @@ _MAX_RATIO = 1e30  # a mean gradient of norm 0 (all weights 0) would give inf, w
 def build_weightings(names, num_seeds: int, device) -> dict[str, QWeight]:
     """Weightings by name (WEIGHTINGS), reset for `num_seeds` seeds, on `device`."""
     unknown = [n for n in names if n not in WEIGHTINGS]
-    require(not unknown, f"unknown weighting(s) {unknown} in QVPO.gradient_variance_weightings; "
+    require(not unknown, f"unknown weighting(s) {unknown} in GradientVariance.weightings; "
                          f"known: {sorted(WEIGHTINGS)}")
     out = {}
     for name in names:
@@ -81,9 +85,7 @@ def weighting_gradient_variance(agent, buffers: SeedBuffers, weightings: dict[st
     weighting. omega_ent is the agent's entropy_weight at `step`; the draws are seeded by the
     seed and `step`, so two diagnostics at different steps are independent.
     """
-    from qvpo.agents.qvpo import row_weights  # the agent module imports this one
-
-    require_int(K, "QVPO.gradient_variance_samples (K)", 2)
+    require_int(K, "GradientVariance.samples (K)", 2)
     policy, N, B, A = agent.policy, len(agent.seeds), agent.batch_size, agent.action_dim
     Ne = agent.Ne
     stream = DIAGNOSTIC_STREAM + 10_007 * int(step)
@@ -121,3 +123,50 @@ def weighting_gradient_variance(agent, buffers: SeedBuffers, weightings: dict[st
         out[f"{PREFIX}/{name}/loss_var"] = torch.stack(losses[name], dim=1).var(dim=1)
         out[f"{PREFIX}/{name}/ess"] = torch.stack(ess[name], dim=1).mean(dim=1)
     return out
+
+
+@gin.configurable
+class GradientVariance(QVPOHook):
+    """The diagnostic as a QVPO hook: every `every` env steps (at updates with step % every == 0)
+    it runs at the parameters the update left and adds its `gradvar/<weighting>/*` metrics to
+    the update's. Training is unchanged (module docstring).
+
+    Args:
+      every: env steps between diagnostics.
+      samples: K, independent minibatch + candidate draws per diagnostic.
+      weightings: names of the weightings it compares (WEIGHTINGS); stateful ones (qexp's running
+        mean/std of Q) follow the training Q values of every update, so they normalise as they
+        would in training.
+    """
+
+    def __init__(self, every: int = 10_000, samples: int = 8,
+                 weightings: tuple[str, ...] = ("qadv", "qcut", "qrelu", "qexp", "qexpadv")):
+        require_int(every, "GradientVariance.every (env steps)", 1)
+        require_int(samples, "GradientVariance.samples (K)", 2)
+        self.every, self.samples, self.names = every, samples, tuple(weightings)
+        self.weightings: dict[str, QWeight] = {}
+        self._stateful: list[QWeight] = []
+
+    def attach(self, agent) -> None:
+        require(agent.train_selection != "all", "GradientVariance compares weightings of each state's chosen "
+                "candidate; it cannot run with QVPO.train_selection = 'all' (every candidate weighted)")
+        self.weightings = build_weightings(self.names, len(agent.seeds), agent.device)
+        # the ones with running statistics, which follow training's Q values every update
+        self._stateful = [t for t in self.weightings.values() if next(t.buffers(), None) is not None]
+
+    @torch.no_grad()
+    def on_candidates(self, agent, scored) -> None:
+        for transform in self._stateful:
+            transform(scored.q)
+
+    def after_update(self, agent, buffers, step: int, metrics: dict) -> None:
+        if step % self.every == 0:
+            with agent.timer.phase("diagnostic"):  # at the parameters this update left
+                metrics.update(weighting_gradient_variance(agent, buffers, self.weightings, self.samples, step))
+
+    def state_dict(self) -> dict:
+        return {k: w.state_dict() for k, w in self.weightings.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, w in self.weightings.items():
+            w.load_state_dict(state[k])

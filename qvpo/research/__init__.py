@@ -1,0 +1,6 @@
+"""Research add-ons around QVPO: the paper's open questions, each beside its mechanism.
+
+They attach to the agent through the hook interface of `qvpo.hooks` (nothing here is imported by
+the agent itself), and each module that answers an open question keeps the report section that
+reads its metrics next to it.
+"""
