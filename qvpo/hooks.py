@@ -19,7 +19,8 @@ computed, or steers a setting between updates, is a `QVPOHook`. The agent calls,
 
 Hooks run in the order given; an `entropy_weight` schedule that is also a hook (the adaptive
 omega_ent) runs first. A hook's `state_dict` / `load_state_dict` are saved in the agent's
-checkpoint, so a resumed run continues exactly. Hooks must not draw from the agent's random
+checkpoint with the hook's class name, so a resumed run continues exactly (and a checkpoint of
+other hooks is refused in one line). Hooks must not draw from the agent's random
 streams (they would change the training run): one that needs randomness uses its own stream.
 
 Implementations: qvpo.research.adaptive_k (SpreadKb, BiasKt), qvpo.research.adaptive_entropy
@@ -37,7 +38,8 @@ import torch
 class Scored:
     """The policy step's candidates: states (N, B, S), candidates (N, B, Nd, A), their
     min(Q1, Q2) q (N, B, Nd), the chosen candidate of each state (N, B, A) and its weight
-    w (N, B). Read-only: a hook that changes them would change training."""
+    w (N, B); with QVPO.train_selection = 'all' every candidate is chosen: chosen (N, B, Nd, A),
+    w (N, B, Nd). Read-only: a hook that changes them would change training."""
 
     states: torch.Tensor
     candidates: torch.Tensor

@@ -261,6 +261,7 @@ LEARN = ["Trainer.env_id = 'InvertedPendulum-v5'", "Trainer.total_steps = 24576"
 def test_learns_inverted_pendulum(algo):
     random_return = random_policy_return(episodes=20, env_id="InvertedPendulum-v5")
     assert random_return < THRESHOLD / 10
+    settings(SPO if algo == "SPO" else PPO)  # SPO's settings live in its gin file
     gin.parse_config(LEARN + [f"Trainer.agent = @{algo}", f"{algo}.rollout_steps = 1024",
                               f"{algo}.minibatch_size = 128", f"{algo}.anneal_lr = False",
                               f"{algo}.actor_hidden = (64, 64)"])

@@ -379,3 +379,44 @@ def test_gradient_variance_section_applies_only_to_runs_with_its_metrics():
 
     assert not SECTION.applies([run("eval/return_mean"), run("gradvar/summary")])
     assert SECTION.applies([run("eval/return_mean"), run("gradvar/qadv/ess", "gradvar/qcut/ess")])
+
+
+def test_success_rate_section_summarises_the_seeds_at_each_evaluation(tmp_path):
+    """Runs that logged eval/success_rate get the success-rate section: per column and step the
+    mean over seeds with the Student-t interval (by hand here), the final rate, the first step
+    with mean >= 0.5; runs without the metric do not."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from qvpo.envs.success_report import SECTION
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sparse", artifact_location=(tmp_path / "artifacts").as_uri())
+    rates = {"QVPO": [[0.0, 0.4, 1.0], [0.2, 0.6, 0.8], [0.0, 0.8, 1.0]], "SAC": [[0.0, 0.0, 0.2], [0.0, 0.2, 0.0]]}
+    for label, per_seed in rates.items():
+        for seed, values in enumerate(per_seed):
+            run = client.create_run(exp, tags=current(label, "MountainCarContinuous-v0", algo=label,
+                                                      env_id="MountainCarContinuous-v0", seed=str(seed)))
+            ms = [Metric("eval/success_rate", v, 0, 1000 * (i + 1)) for i, v in enumerate(values)]
+            ms += [Metric("eval/return_mean", 10.0 * v, 0, 1000 * (i + 1)) for i, v in enumerate(values)]
+            client.log_batch(run.info.run_id, metrics=ms)
+            client.set_terminated(run.info.run_id, "FINISHED")
+    out = build_report("sparse", uri, None, tmp_path / "reports", log_to_mlflow=False)
+    md = (out / "table.md").read_text()
+    assert "## Success rate" in md and (out / "success_rate.png").exists()
+    got = {(r["label"], int(r["step"])): r for r in rows(out / "success_rate.csv")}
+    for label, per_seed in rates.items():
+        for i in range(3):
+            x = np.array([s[i] for s in per_seed])
+            half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+            r = got[(label, 1000 * (i + 1))]
+            assert float(r["mean"]) == pytest.approx(x.mean())
+            assert float(r["ci_low"]) == pytest.approx(x.mean() - half)
+            assert float(r["ci_high"]) == pytest.approx(x.mean() + half)
+    section = md[md.index("## Success rate"):].splitlines()
+    qvpo_row = next(line for line in section if line.startswith("| MountainCarContinuous | QVPO |"))
+    assert "0.93" in qvpo_row and "| 3,000 | 2,000 |" in qvpo_row  # final mean 2.8 / 3; >= 0.5 first at 2,000
+    sac_row = next(line for line in section if line.startswith("| MountainCarContinuous | SAC |"))
+    assert sac_row.endswith("| never |")
+    assert not SECTION.applies([])

@@ -45,7 +45,8 @@ class Agent(abc.ABC):
     """The contract between an agent and the trainer (qvpo.train.Trainer).
 
     Built as AgentClass(context, **settings); an agent keeps the context's fields as attributes
-    (obs_dim, action_dim, seeds, device, total_steps, timer). What the trainer reads besides the
+    (obs_dim, action_dim, seeds, device, total_steps, timer, discrete_actions; `self.context` is
+    the context it was built with: load_state_dict restores `seeds` from the checkpoint). What the trainer reads besides the
     methods below:
 
       on_policy      False: the off-policy loop (replay buffers, `update(buffers, step)` once per

@@ -17,6 +17,13 @@ Each iteration:
 The policy is a Gaussian with a state-independent log-std; the env receives the action clipped
 to [-1, 1] (the rollout keeps the unclipped sample, whose log-probability the ratio needs).
 Evaluation acts with the mean. Every seed has its own networks, statistics and random stream.
+
+On a task with n discrete actions (context.discrete_actions = n) the policy is categorical, as in
+the PPO paper's Atari experiments: logits from an MLP of the mean network's shape and init (gain
+0.01 on the output), log pi and the entropy of the categorical (`CategoricalPolicyValue`);
+exploration samples, evaluation takes the argmax. The env and the rollout get the action as its
+vector in [-1, 1]^n (+1 at the action, -1 elsewhere; qvpo/agents/discrete.py), the update reads the
+index back as its argmax. SPO shares this.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import gin
 import torch
 from torch import nn
 
+from qvpo.agents import discrete
 from qvpo.agents.base import AgentContext, OnPolicyAgent
 from qvpo.errors import require, require_int
 from qvpo.nets import mlp, orthogonal_init
@@ -62,6 +70,61 @@ class GaussianPolicyValue(nn.Module):
     def entropy(self, mean: torch.Tensor) -> torch.Tensor:
         return (0.5 + 0.5 * LOG_2PI + self.log_std.expand_as(mean)).sum(-1)
 
+    def act(self, obs: torch.Tensor, explore: bool, rng: SeedRNG) -> torch.Tensor:
+        """(Normalised) obs (N, M, S) -> env actions (N, M, A): a sample or the mean, clipped."""
+        mean = self.actor_mean(obs)
+        if explore:
+            mean = mean + self.log_std.exp() * rng.randn(*mean.shape[1:])
+        return mean.clamp(-1.0, 1.0)
+
+    def sample(self, obs: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """obs (N, 1, S) -> the sample the rollout stores (N, 1, A), the env's action (the sample
+        clipped to [-1, 1]), log pi(sample) (N, 1)."""
+        mean = self.actor_mean(obs)
+        action = mean + self.log_std.exp() * rng.randn(1, mean.shape[-1])
+        return action, action.clamp(-1.0, 1.0), gaussian_log_prob(mean, self.log_std, action)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"ppo/policy_std": self.log_std.detach().exp().mean(dim=(1, 2))}
+
+
+class CategoricalPolicyValue(nn.Module):
+    """The discrete form: a logits MLP over n actions (the mean network's shape, activation and
+    init) and the value MLP, per seed. Actions are [-1, 1]^n vectors (qvpo/agents/discrete.py)."""
+
+    def __init__(self, obs_dim: int, n: int, generators, actor_hidden, critic_hidden, activation: str):
+        super().__init__()
+        N = len(generators)
+        self.n = n
+        self.actor_logits = mlp(N, obs_dim, tuple(actor_hidden), n, activation)
+        self.critic = mlp(N, obs_dim, tuple(critic_hidden), 1, activation)
+        orthogonal_init(self.actor_logits, generators, hidden_gain=math.sqrt(2), out_gain=0.01)
+        orthogonal_init(self.critic, generators, hidden_gain=math.sqrt(2), out_gain=1.0)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    def log_prob_entropy(self, obs: torch.Tensor, action: torch.Tensor):
+        """log pi(argmax action|s) (N, B), entropy (N, B), and the logits (N, B, n)."""
+        logits = self.actor_logits(obs)
+        return (*discrete.log_prob_entropy(logits, discrete.to_index(action)), logits)
+
+    def act(self, obs: torch.Tensor, explore: bool, rng: SeedRNG) -> torch.Tensor:
+        """(Normalised) obs (N, M, S) -> a ~ pi (explore) or argmax pi, as vectors (N, M, n)."""
+        logits = self.actor_logits(obs)
+        index = discrete.sample_index(logits, rng) if explore else logits.argmax(dim=-1)
+        return discrete.to_vector(index, self.n)
+
+    def sample(self, obs: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """obs (N, 1, S) -> a ~ pi as its vector (N, 1, n) (stored and played), log pi(a) (N, 1)."""
+        logits = self.actor_logits(obs)
+        index = discrete.sample_index(logits, rng)
+        vector = discrete.to_vector(index, self.n)
+        return vector, vector, discrete.log_prob_entropy(logits, index)[0]
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {}  # the policy's spread is `entropy/estimate`
+
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """log N(action; mean, exp(log_std)^2), summed over action dims."""
@@ -89,7 +152,7 @@ class PPOBase(OnPolicyAgent):
       normalize_obs, obs_clip: running observation normalisation, clipped to +-10 (VecNormalize).
       normalize_reward, reward_clip: reward scaling by the return's std, clipped to +-10.
       actor_hidden, critic_hidden, activation: separate 64-64 tanh networks (paper, section 6.1).
-      init_log_std: initial log-std of the Gaussian (ppo2: 0).
+      init_log_std: initial log-std of the Gaussian (ppo2: 0; unused on a discrete task).
     """
 
     def __init__(self, context: AgentContext,
@@ -137,8 +200,12 @@ class PPOBase(OnPolicyAgent):
         self.iteration = 0
 
         N = len(self.seeds)
-        self.net = GaussianPolicyValue(obs_dim, action_dim, init_generators(self.seeds), actor_hidden,
-                                       critic_hidden, activation, init_log_std).to(self.device)
+        if self.discrete_actions is None:
+            self.net = GaussianPolicyValue(obs_dim, action_dim, init_generators(self.seeds), actor_hidden,
+                                           critic_hidden, activation, init_log_std).to(self.device)
+        else:  # the discrete form: a categorical policy
+            self.net = CategoricalPolicyValue(obs_dim, self.discrete_actions, init_generators(self.seeds),
+                                              actor_hidden, critic_hidden, activation).to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, eps=adam_eps)
         self.obs_norm = ObsNormalizer(N, obs_dim, self.device, obs_clip) if normalize_obs else None
         self.reward_scaler = RewardScaler(N, gamma, self.device, reward_clip) if normalize_reward else None
@@ -153,18 +220,13 @@ class PPOBase(OnPolicyAgent):
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, explore: bool) -> torch.Tensor:
-        mean = self.net.actor_mean(self._normalize(obs, update=False))
-        if explore:
-            mean = mean + self.net.log_std.exp() * self.rng.randn(*mean.shape[1:])
-        return mean.clamp(-1.0, 1.0)
+        return self.net.act(self._normalize(obs, update=False), explore, self.rng)
 
     @torch.no_grad()
     def explore(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self._normalize(obs[:, None], update=True)             # (N, 1, S)
-        mean = self.net.actor_mean(z)
-        action = mean + self.net.log_std.exp() * self.rng.randn(1, mean.shape[-1])
-        log_prob = gaussian_log_prob(mean, self.net.log_std, action)
-        return {"env_action": action[:, 0].clamp(-1.0, 1.0), "obs": z[:, 0], "action": action[:, 0],
+        action, env_action, log_prob = self.net.sample(z, self.rng)
+        return {"env_action": env_action[:, 0], "obs": z[:, 0], "action": action[:, 0],
                 "log_prob": log_prob[:, 0], "value": self.net.value(z)[:, 0]}
 
     @torch.no_grad()
@@ -238,7 +300,7 @@ class PPOBase(OnPolicyAgent):
         metrics.update({
             "ppo/explained_variance": 1 - (returns - rollout.value).var(dim=-1) / var_ret.clamp(min=1e-12),
             "ppo/advantage_mean": adv.mean(dim=-1),
-            "ppo/policy_std": self.net.log_std.detach().exp().mean(dim=(1, 2)),
+            **self.net.metrics(),
             "ppo/lr": lr,
             "v/mean": rollout.value.mean(dim=-1),
         })

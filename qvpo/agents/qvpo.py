@@ -169,8 +169,10 @@ class QVPO(Agent):
         self.critic_opt = optimizer(self.critic.parameters(), lr=critic_lr)
         self.rng = SeedRNG(self.seeds, self.device)
         self.eval_rng = SeedRNG(self.seeds, self.device, EVAL_STREAM)
-        # an adaptive schedule observes the entropy first, so later hooks see this update's omega
-        self.hooks = ([self.entropy_weight] if isinstance(self.entropy_weight, QVPOHook) else []) + list(hooks)
+        # an adaptive schedule observes the entropy first: later hooks see omega after this
+        # update's step, the omega the next update uses
+        self.hooks = ([self.entropy_weight] if isinstance(self.entropy_weight, QVPOHook) else [])
+        self.hooks += [h for h in hooks if h is not self.entropy_weight]
         for hook in self.hooks:
             hook.attach(self)
 
@@ -211,7 +213,7 @@ class QVPO(Agent):
             w = self.q_weight(q).detach()  # (N, B), or (N, B, Nd) for a per-candidate weight
             for hook in self.hooks:
                 hook.on_candidates(self, Scored(states, candidates, q, chosen, w))
-            # 4. entropy term: Ne uniform actions per state, weight omega_ent * w
+            # 4. the entropy term's weight omega_ent (its Ne uniform rows per state are built in 5)
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
             # 5. the Q-weighted variational loss over the chosen and the uniform rows
             policy_loss, policy_grad = self.policy_step(states, chosen, w, omega)
@@ -307,7 +309,7 @@ class QVPO(Agent):
             "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "rng": self.rng.state_dict(),
             "K": {"Kb": self.Kb, "Kt": self.Kt},  # hooks may move them (adaptive K)
-            "hooks": [hook.state_dict() for hook in self.hooks],
+            "hooks": [(type(hook).__name__, hook.state_dict()) for hook in self.hooks],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -316,8 +318,10 @@ class QVPO(Agent):
         for name in ("policy", "policy_target", "critic", "critic_target", "q_weight",
                      "policy_opt", "critic_opt", "rng"):
             getattr(self, name).load_state_dict(state[name])
+        require("hooks" in state and "K" in state, "this QVPO checkpoint predates the research hooks "
+                "(qvpo.hooks); it cannot be resumed by this version: start the run again")
         self.Kb, self.Kt = state["K"]["Kb"], state["K"]["Kt"]
-        require(len(state["hooks"]) == len(self.hooks),
-                f"the checkpoint holds {len(state['hooks'])} QVPO hook state(s), this agent has {len(self.hooks)} hook(s)")
-        for hook, hook_state in zip(self.hooks, state["hooks"]):
+        saved, here = [name for name, _ in state["hooks"]], [type(h).__name__ for h in self.hooks]
+        require(saved == here, f"the checkpoint's QVPO hooks {saved} are not this run's {here}")
+        for hook, (_, hook_state) in zip(self.hooks, state["hooks"]):
             hook.load_state_dict(hook_state)

@@ -19,6 +19,7 @@ from typing import Protocol
 
 PROVIDERS = [
     "qvpo.research.gradient_variance_report:SECTION",  # reproduce/open_weight_variance: gradvar/*
+    "qvpo.envs.success_report:SECTION",  # tasks that define success (reproduce/open_sparse): eval/success_rate
 ]
 _registered: list = []
 

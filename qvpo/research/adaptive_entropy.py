@@ -68,6 +68,8 @@ class AdaptiveEntropyWeight(nn.Module, QVPOHook):
         self.log_weight = torch.full((num_seeds,), math.log(self.initial), device=self.log_weight.device)
 
     def attach(self, agent) -> None:
+        require(agent.entropy_weight is self, "AdaptiveEntropyWeight is QVPO's omega_ent schedule: bind it as "
+                "QVPO.entropy_weight = @AdaptiveEntropyWeight(), not in QVPO.hooks")
         require(agent.estimate_entropy, "an adaptive QVPO.entropy_weight needs QVPO.estimate_entropy = True")
         self.reset(len(agent.seeds), agent.action_dim)
         self.to(agent.device)
