@@ -301,14 +301,14 @@ class DiffusionPolicy(nn.Module):
         N, B, S = states.shape
         A, T = self.action_dim, self.T
         den = self.denoiser
-        if noise is None and rng is not None and self.eps_step is not None:
-            # one draw per step, as QSM's reference loop makes them: the same numbers as drawing
-            # them while sampling, since nothing else draws from rng in between
-            noise = torch.stack([rng.randn(B * n, A) for _ in range(T)], dim=1)
         if self.eps_step is not None or not isinstance(den, Denoiser):  # no fast path for these
-            if noise is None:  # the seeds' own streams where given, as the fast path draws them
-                noise = (rng.randn(T, B * n, A) if rng is not None
-                         else torch.randn(N, T, B * n, A, device=states.device))
+            if noise is None and rng is not None:
+                # the seeds' own streams; with eps_step one draw per step, as QSM's reference loop
+                # makes them (the same numbers as drawing while sampling: nothing draws in between)
+                noise = (torch.stack([rng.randn(B * n, A) for _ in range(T)], dim=1) if self.eps_step is not None
+                         else rng.randn(T, B * n, A))
+            elif noise is None:
+                noise = torch.randn(N, T, B * n, A, device=states.device)
             return ddpm_sample_reference(den, self.schedule, states, n, noise, self.clip_x0, self.eps_step)
         first, *rest = den.linears
         W_a, W_t, W_s = first.weight.split([A, den.time_dim, S], dim=1)   # (N, ., H) each

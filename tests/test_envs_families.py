@@ -195,14 +195,10 @@ def test_box2d_signals_that_it_cannot_restore():
     np.testing.assert_array_equal(fresh.action_space.sample(), expected_sample)
 
 
-NO_UPDATES = ["Trainer.progress = False", "Trainer.eval_episodes = 2", "ReplayBuffer.capacity = 100",
-              "QVPO.batch_size = 4", "QVPO.T = 2", "Denoiser.hidden = (8,)", "TwinQ.hidden = (8,)"]
-
-
 def trainer(*bindings):
-    from qvpo.train import Trainer
-    gin.parse_config(NO_UPDATES + list(bindings))
-    return Trainer()
+    """tests/test_train.py's tiny trainer, with two evaluation episodes (a success rate over two)."""
+    from test_train import build
+    return build("Trainer.eval_episodes = 2", *bindings)
 
 
 def test_the_trainer_restarts_an_episode_it_cannot_restore(capsys):
