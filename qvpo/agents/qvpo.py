@@ -211,8 +211,10 @@ class QVPO(Agent):
         with self.timer.phase("actor"):
             # 3. the Q-weight of each state's chosen candidate
             w = self.q_weight(q).detach()  # (N, B), or (N, B, Nd) for a per-candidate weight
-            for hook in self.hooks:
-                hook.on_candidates(self, Scored(states, candidates, q, chosen, w))
+            if self.hooks:
+                scored = Scored(states, candidates, q, chosen, w)
+                for hook in self.hooks:
+                    hook.on_candidates(self, scored)
             # 4. the entropy term's weight omega_ent (its Ne uniform rows per state are built in 5)
             omega = self.entropy_weight(step, self.total_steps)  # float, or (N,) per seed
             # 5. the Q-weighted variational loss over the chosen and the uniform rows
