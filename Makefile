@@ -115,7 +115,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info
 
 # The unit tests (as `make test`) against the lowest versions pyproject.toml admits: every direct
-# dependency, and the dev extra's, pinned to its floor (tools/lowest_constraints.py), in a venv of
+# dependency, and the test extra's, pinned to its floor (tools/lowest_constraints.py), in a venv of
 # its own. torch is the exception: it stays at TORCH_SPEC, the only build checked here.
 LOWEST_VENV ?= .venv-lowest
 LOWEST_BIN  := $(LOWEST_VENV)/bin
@@ -125,8 +125,8 @@ test-lowest:
 	test -x $(LOWEST_BIN)/python || $(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_BIN)/python -m pip install --quiet --upgrade pip
 	$(LOWEST_BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(LOWEST_BIN)/python tools/lowest_constraints.py > $(LOWEST_TXT)
-	$(LOWEST_BIN)/python -m pip install --quiet -e ".[dev]" -c $(LOWEST_TXT)
+	$(LOWEST_BIN)/python tools/lowest_constraints.py --extra test > $(LOWEST_TXT)
+	$(LOWEST_BIN)/python -m pip install --quiet -e ".[test]" -c $(LOWEST_TXT)
 	@echo "Installed (direct dependencies at their floors):"
 	@$(LOWEST_BIN)/python -m pip freeze | grep -iE "^(torch|$$(sed -n 's/==.*//p' $(LOWEST_TXT) | paste -sd'|'))=="
 	$(LOWEST_BIN)/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seeds", type=int, help="seeds per (algorithm, task) (overrides Sweep.seeds)")
     w.add_argument("--envs", nargs="+", help="tasks (overrides Sweep.envs)")
     w.add_argument("--algos", nargs="+", help="algorithms (overrides Sweep.algos)")
+    w.add_argument("--variants", nargs="+", help="run only these of the spec's variants (Sweep.variants)")
     w.add_argument("--bind", action="append", default=[], metavar="'Name.param = value'",
                    help="binding added to every run (repeatable)")
     w.add_argument("--backend", choices=["local", "ray"], default="local")
@@ -154,7 +155,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     require_int(args.workers, "--workers", 1)
     spec = sw.load_spec(args.spec, [])
-    runs = sw.expand(spec, args.steps, args.seeds, args.envs, args.algos, args.bind)
+    runs = sw.expand(spec, args.steps, args.seeds, args.envs, args.algos, args.bind, args.variants)
     sw.identify(runs)  # builds each cell's config once: bad input stops here, before any run
     uri = resolve_tracking_uri(args.tracking_uri)
     items = sw.plan(runs, sw.existing_runs(uri, spec.experiment))

@@ -107,8 +107,10 @@ class RunSpec:
 
 
 def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, envs=None, algos=None,
-           bindings=()) -> list[RunSpec]:
-    """The runs of a sweep, with the command line's overrides; checks every name first."""
+           bindings=(), variants=None) -> list[RunSpec]:
+    """The runs of a sweep, with the command line's overrides; checks every name first. `variants`
+    (--variants) runs only those of the spec's variants (a subset's runs are the same runs, with
+    the same identities, as the whole spec's: the rest can follow later into the same experiment)."""
     from qvpo.agents import ALGORITHMS
 
     layout(sweep)  # a treatment or column the spec does not have is an error now, before any run
@@ -126,8 +128,16 @@ def expand(sweep: Sweep, steps: int | None = None, seeds: int | None = None, env
                 f"unknown algorithm {a!r} in the sweep; expected some of {', '.join(sorted(set(ALGORITHMS) - {'random'}))}")
     for e in envs:
         check_env_id(e)
+    if variants is not None:
+        require(bool(sweep.variants), f"sweep {sweep.name!r} has no variants to choose from (--variants); "
+                                      f"its columns are algorithms: choose them with --algos")
+        for v in variants:
+            require(v in sweep.variants, f"--variants: {v!r} is not a variant of sweep {sweep.name!r}; "
+                                         f"expected some of {', '.join(sweep.variants)}")
     groups = [(a, a, ()) for a in algos]  # (variant name or algo, algo, variant bindings)
     for name, (algo, variant_bindings) in sweep.variants.items():
+        if variants is not None and name not in variants:
+            continue
         require(algo in ALGORITHMS, f"variant {name!r}: unknown algorithm {algo!r}")
         groups.append((name, algo, tuple(variant_bindings)))
     if sweep.random_baseline:

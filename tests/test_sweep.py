@@ -214,10 +214,25 @@ TINY_QVPO = ["QVPO.batch_size = 16", "QVPO.train_candidates = 4", "QVPO.eval_can
              "GradientVariance.every = 100", "GradientVariance.samples = 3"]  # where a spec attaches it
 
 
+# The variants each folder's smoke profile runs (with --variants): the treatment and the one whose
+# code path differs most from it (a hook, another weight or selection, another algorithm). Every
+# variant's bindings are parsed by test_every_reproduce_spec_expands_and_its_runs_parse; running all
+# of them would cost a process each (~10 s) for settings already parsed.
+SMOKE_VARIANTS = {
+    "open_adaptive_entropy": ("QVPO", "adaptive"),
+    "open_adaptive_k": ("QVPO", "adaptive-both"),
+    "open_components": ("QVPO", "w1-random"),
+    "open_mpo": ("QVPO", "mpo-estep"),
+    "open_scaling": ("QVPO", "DIPO"),
+    "open_sparse": ("QVPO", "SAC"),
+    "open_weight_variance": ("QVPO",),
+}
+
+
 @pytest.mark.parametrize("folder", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "reproduce").glob("open_*")))
 def test_open_question_folder_smoke_profile(tmp_path, monkeypatch, capsys, folder):
-    """Each open-question folder end to end at smoke scale: its sweep (every variant, one seed,
-    Pendulum-v1, 200 steps, tiny networks) and its report."""
+    """Each open-question folder end to end at smoke scale: its sweep (two of its variants, see
+    SMOKE_VARIANTS, one seed, Pendulum-v1, 200 steps, tiny networks) and its report."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
@@ -228,14 +243,15 @@ def test_open_question_folder_smoke_profile(tmp_path, monkeypatch, capsys, folde
     varied = {b.split("=")[0].strip() for _, binds in sw.load_spec(spec, []).variants.values() for b in binds
               if b.startswith("QVPO.")}
     binds = [x for b in TINY_QVPO if b.split("=")[0].strip() not in varied for x in ("--bind", b)]
+    chosen = SMOKE_VARIANTS[folder]  # a new folder needs its entry
     assert main(["sweep", spec, "--steps", "200", "--seeds", "1", "--envs", "Pendulum-v1", "--workers", "2",
-                 "--tracking-uri", uri, *binds]) == 0
+                 "--variants", *chosen, "--tracking-uri", uri, *binds]) == 0
     experiment = sw.load_spec(spec, []).experiment
     assert main(["report", experiment, "--tracking-uri", uri, "--out", str(tmp_path / "reports"), "--spec", spec]) == 0
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "attributes.status = 'FINISHED'")
     variants = {r.data.tags.get("variant") for r in runs if r.data.tags.get("variant")}
-    assert variants == set(sw.load_spec(spec, []).variants)
+    assert variants == set(chosen)
     table = (tmp_path / "reports" / experiment / "table.md").read_text()
     assert "by phase" in table
     assert f"**QVPO**. Order and treatment from the sweep spec `{spec}` given with `--spec`" in table
@@ -270,6 +286,26 @@ def test_sweep_refuses_seed_bindings_and_variants_that_are_the_same_run(tmp_path
     runs = sw.expand(sw.load_spec(str(tmp_path / "v.gin"), []))
     with pytest.raises(ConfigError, match="'QVPO Pendulum-v1 seed 0' and 'same Pendulum-v1 seed 0' are the same run"):
         sw.identify(runs)
+
+
+def test_variants_option_runs_a_subset_with_the_whole_specs_identities(tmp_path, capsys):
+    """--variants: the chosen variants' runs are exactly the whole spec's runs of those variants
+    (same identities, so the rest can follow into the same experiment); a name the spec does not
+    have, or --variants on a spec of algorithms, is one line before any store exists."""
+    (tmp_path / "v.gin").write_text(SPEC + "Sweep.variants = {'QVPO': ('qvpo', ()), "
+                                    "'Kb1': ('qvpo', ('QVPO.behavior_candidates = 1',)), 'SAC': ('sac', ())}\n")
+    spec = sw.load_spec(str(tmp_path / "v.gin"), [])
+    subset = sw.expand(spec, variants=["Kb1", "SAC"])
+    assert {r.variant or r.algo for r in subset} == {"Kb1", "SAC", "random"}  # the random baseline stays
+    assert len(subset) == 2 * 2 + 2 and set(_identities(subset)) < set(_identities(sw.expand(spec)))
+    for path, message in ((tmp_path / "v.gin", "--variants: 'Kb2' is not a variant of sweep 'smoke'; expected some "
+                                                "of QVPO, Kb1, SAC"),
+                          (_spec(tmp_path), "sweep 'smoke' has no variants to choose from (--variants)")):
+        uri = f"sqlite:///{tmp_path}/never.db"
+        assert main(["sweep", str(path), "--variants", "Kb2", "--tracking-uri", uri]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+        assert not (tmp_path / "never.db").exists()
 
 
 def test_treatment_and_columns_come_from_the_spec_and_are_checked_before_anything(tmp_path, capsys):

@@ -3,9 +3,9 @@
 `make test-lowest` installs the package with these constraints, so the test suite runs against the
 lowest versions pyproject.toml admits: a floor that the code does not really work with fails there.
 
-    python tools/lowest_constraints.py [--pyproject PATH] [--extra dev] [--exclude torch]
+    python tools/lowest_constraints.py [--pyproject PATH] [--extra test] [--exclude torch]
 
-Reads [project].dependencies and the named optional-dependency groups (default: dev). Each
+Reads [project].dependencies and the named optional-dependency groups (default: test). Each
 requirement becomes `name==floor`, where the floor is its `>=`, `~=` or `==` version; extras are
 dropped (`gymnasium[mujoco]>=1.0` -> `gymnasium==1.0`) and an environment marker is kept. Excluded
 names (default: torch, which the Makefile installs itself from TORCH_SPEC) and the project itself
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pyproject", type=Path, default=root / "pyproject.toml")
     p.add_argument("--extra", action="append", default=None,
-                   help="optional-dependencies group to include as well (repeatable; default: dev)")
+                   help="optional-dependencies group to include as well (repeatable; default: test)")
     p.add_argument("--exclude", action="append", default=None,
                    help="package to leave out (repeatable; default: torch)")
     args = p.parse_args(argv)
-    extras = ["dev"] if args.extra is None else args.extra
+    extras = ["test"] if args.extra is None else args.extra
     exclude = ["torch"] if args.exclude is None else args.exclude
     try:
         pins = constraints(args.pyproject, extras, exclude)

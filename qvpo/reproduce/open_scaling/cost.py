@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="*", default=list(TASKS))
     p.add_argument("--algos", nargs="*", default=list(ALGOS))
     a = p.parse_args(argv)
+    from qvpo.native import describe
     torch.set_num_threads(a.threads)
     rows = []
     for task in a.tasks:
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {torch.get_num_threads()} thread(s), "
              f"torch {torch.__version__}, load average at the end {load}; command: "
              f"`python -m qvpo.reproduce.open_scaling.cost {' '.join(argv or [])}` "
-             f"({a.updates} updates after one warm-up, each algorithm at gin/algos/<algo>.gin, one seed).", "",
+             f"({a.updates} updates after one warm-up, each algorithm at gin/algos/<algo>.gin, one seed); "
+             f"sampler: {describe(where=False)}.", "",
              "| task | obs | |A| | algorithm | ms / update | ms / behaviour action | ms / env step |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['obs_dim']} | {r['action_dim']} | {r['algo']} | {r['update_ms']} | "
