@@ -420,3 +420,38 @@ def test_success_rate_section_summarises_the_seeds_at_each_evaluation(tmp_path):
     sac_row = next(line for line in section if line.startswith("| MountainCarContinuous | SAC |"))
     assert sac_row.endswith("| never |")
     assert not SECTION.applies([])
+
+
+def test_selection_gain_section_takes_second_half_means_of_qadv_runs_only(tmp_path):
+    """The best-of-Nd selection section: per run the mean over the second half of qweight/mean,
+    q/candidates_std and q/mean (by hand here), per cell the seeds' mean; a run with another weight
+    (its qweight/mean is not the gain) is left out; |A| comes from the task."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("scaling", artifact_location=(tmp_path / "artifacts").as_uri())
+    gains = {0: [9.0, 9.0, 2.0, 4.0], 1: [0.0, 5.0, 1.0, 3.0]}  # second halves: means 3.0 and 2.0
+    for label, weight, seeds in (("QVPO", "@QAdv()", (0, 1)), ("qexp", "@QExpAdv()", (0,))):
+        for seed in seeds:
+            run = client.create_run(exp, tags=current(label, "Pendulum-v1", algo=label, env_id="Pendulum-v1",
+                                                      seed=str(seed)))
+            ms = [Metric("eval/return_mean", -500.0, 0, 1000)]
+            for i, g in enumerate(gains[seed]):
+                ms += [Metric("qweight/mean", g, 0, 100 * i), Metric("q/candidates_std", 2.0, 0, 100 * i),
+                       Metric("q/mean", -10.0, 0, 100 * i)]
+            client.log_batch(run.info.run_id, metrics=ms,
+                             params=[Param("QVPO.q_weight", weight), Param("QVPO.train_selection", "'best'"),
+                                     Param("QVPO.train_candidates", "64")])
+            client.set_terminated(run.info.run_id, "FINISHED")
+    out = build_report("scaling", uri, None, tmp_path / "reports", log_to_mlflow=False)
+    got = rows(out / "selection_gain.csv")
+    assert sorted((r["label"], r["seed"], float(r["gain"]), float(r["gain_per_spread"]), float(r["gain_per_abs_q"]),
+                   r["action_dim"]) for r in got) == [("QVPO", "0", 3.0, 1.5, 0.3, "1"), ("QVPO", "1", 2.0, 1.0, 0.2, "1")]
+    md = (out / "table.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| Pendulum | 1 | QVPO | 64 |"))
+    half = sps.t.ppf(0.975, 1) * np.std([3.0, 2.0], ddof=1) / np.sqrt(2)
+    assert row.startswith(f"| Pendulum | 1 | QVPO | 64 | 2.500 [{2.5 - half:.3f}, {2.5 + half:.3f}] |") and row.endswith("| 2 |")
+    section = md[md.index("## Best-of-Nd"):]
+    assert "| qexp |" not in section[:section.index("\n## ")]

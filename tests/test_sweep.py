@@ -187,7 +187,8 @@ def test_smoke_sweep_two_workers_then_rerun_skips_everything(tmp_path, monkeypat
     assert len(report_runs) == 1
 
 
-@pytest.mark.parametrize("spec", sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "reproduce").glob("*/sweep.gin")))
+@pytest.mark.parametrize("spec", sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "reproduce").glob("*/*.gin")
+                                         if p.name in ("sweep.gin", "cpu_scale.gin")))
 def test_every_reproduce_spec_expands_and_its_runs_parse(spec):
     """Each reproduce/ folder's sweep: its runs expand, and every distinct run config parses with
     gin's unknown-name check (a misspelled binding fails here, not after hours of a sweep)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 PROVIDERS = [
+    "qvpo.research.selection_gain_report:SECTION",  # reproduce/open_scaling: qweight/mean, q/candidates_std
     "qvpo.research.gradient_variance_report:SECTION",  # reproduce/open_weight_variance: gradvar/*
     "qvpo.envs.success_report:SECTION",  # tasks that define success (reproduce/open_sparse): eval/success_rate
 ]
