@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: install lock demo test test-lowest test-slow bench ui clean reproduce-table1 reproduce-cpu-scale reproduce-ablation-entropy-T \
 	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
-	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance reproduce-open-mpo
+	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance reproduce-open-mpo \
+	reproduce-open-scaling reproduce-open-sparse
 
 install: $(STAMP)
 
@@ -106,6 +107,12 @@ reproduce-open-weight-variance: install
 reproduce-open-mpo: install
 	$(BIN)/qvpo sweep reproduce/open_mpo/sweep.gin $(SWEEP_FLAGS)
 	$(BIN)/qvpo report open_mpo --paper reproduce/table1/paper.csv
+reproduce-open-scaling: install
+	$(BIN)/qvpo sweep reproduce/open_scaling/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_scaling --paper reproduce/table1/paper.csv
+reproduce-open-sparse: install
+	$(BIN)/qvpo sweep reproduce/open_sparse/sweep.gin $(SWEEP_FLAGS)
+	$(BIN)/qvpo report open_sparse
 
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install

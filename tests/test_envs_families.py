@@ -12,6 +12,7 @@ import gin
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import qvpo.envs as envs
 from qvpo.envs import (DiscreteRelaxation, EnvStateNotRestorable, discrete_actions, env_dims, get_env_state,
@@ -328,3 +329,42 @@ def test_env_configs_name_a_task_with_its_own_time_limit(name, module, extra):
     registered = gym.spec(env_id).max_episode_steps
     assert limit == (registered if registered is not None else 1000)  # dm_control's: 1000 steps (its gin cites it)
     assert gin.query_parameter("Trainer.total_steps") > 0
+
+
+@pytest.mark.parametrize("env_id, module, extra", [("dm_control/humanoid-run-v0", "dm_control", "dmc"),
+                                                   ("FetchReach-v4", "gymnasium_robotics", "robotics")])
+def test_a_trainer_resumed_on_these_families_continues_exactly(tmp_path, env_id, module, extra):
+    """A run that dies right after its checkpoint at step 9 of 14 and is resumed from the file
+    (simulator state, replay buffer, agent, RNG streams) ends where the uninterrupted run ends:
+    the same observation, returns and parameters after 8 updates, 5 of them after the resume."""
+    from qvpo import checkpoint
+    from qvpo.train import Checkpointer
+
+    needs(module, extra)
+    config = (f"Trainer.env_id = {env_id!r}", "Trainer.warmup_steps = 6", "Trainer.eval_every = 1000",
+              "Trainer.total_steps = 14", "Trainer.checkpoint_every = 9",
+              "QVPO.train_candidates = 4", "QVPO.behavior_candidates = 2", "QVPO.target_candidates = 2")
+    ref = trainer(*config)
+    ref.run()
+
+    class Crash(Exception):
+        pass
+
+    def die(step):
+        raise Crash
+
+    first = trainer(*config)
+    with pytest.raises(Crash):
+        first.run(checkpointer=Checkpointer(tmp_path / "state.pt", committed=die))
+    first.close()
+    resumed = trainer(*config)
+    resumed.load_state_dict(checkpoint.load(tmp_path / "state.pt")["trainer"])
+    assert resumed.step == 9
+    resumed.run()
+    assert resumed.step == ref.step == 14 and np.array_equal(resumed.obs, ref.obs)
+    assert resumed.ep_return == ref.ep_return
+    for net in ("policy", "critic"):
+        pairs = list(zip(getattr(resumed.agent, net).parameters(), getattr(ref.agent, net).parameters()))
+        assert pairs and all(torch.equal(a, b) for a, b in pairs)
+    ref.close()
+    resumed.close()

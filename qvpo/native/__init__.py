@@ -7,8 +7,9 @@ torch's JIT extension builder, `torch.utils.cpp_extension.load`: torch's headers
 (`$CXX`, else `c++`) and ninja (`pip install ninja` where there is none); its file lock when
 several processes build at once; ninja's incremental rebuild. Flags: -O3 -march=native and OpenMP
 (not on macOS), -ffp-contract=off. The build goes to `$QVPO_CACHE_DIR/native/<key>` (default
-~/.cache/qvpo; the key is the sources, the flags, the torch version and the CPU, so a cache shared
-between machines never mixes -march=native builds); where that directory is not writable, to one
+~/.cache/qvpo; the key is the sources, the flags, torch's version and install directory and the
+CPU, so a cache shared between machines never mixes -march=native builds, nor two environments
+their builds); where that directory is not writable, to one
 under the system's temporary directory, said in one warning. Dispatch (CPU only) and the
 gradient of `mish` are torch's (torch.library.register_autograd).
 
@@ -127,9 +128,12 @@ def _cache_root() -> Path:
 
 
 def _key(cflags: list[str]) -> str:
+    """The build's cache key. torch's install directory is part of it: build.ninja names that
+    torch's headers and libraries, so two environments sharing one build directory would each
+    find the other's build stale and rebuild it, in turns, under each other's running processes."""
     h = hashlib.sha256()
     for part in [*(p.read_bytes() for p in SOURCES), " ".join(cflags).encode(), torch.__version__.encode(),
-                 _cpu_id().encode()]:
+                 _cpu_id().encode(), str(Path(torch.__file__).resolve().parent).encode()]:
         h.update(part + b"\0")
     return f"torch{torch.__version__.split('+')[0]}-{h.hexdigest()[:16]}"
 
