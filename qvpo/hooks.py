@@ -8,6 +8,10 @@ computed, or steers a setting between updates, is a `QVPOHook`. The agent calls,
                                        per-seed state (len(agent.seeds)) and move it to agent.device;
   on_candidates(agent, scored)         every update, after steps 2-3: the Nd candidates of the
                                        policy step scored by the critic, and their Q-weights;
+  policy_penalty(agent, states, actions)
+                                       every update, in step 5: the policy's rows of chosen
+                                       candidates; returns a (N,) term added to the policy loss
+                                       before its gradient is taken (or None: nothing added);
   after_update(agent, buffers, step, metrics)
                                        every update, after step 6 and after the update's metrics
                                        are built: may add metrics (each (N,), one value per seed)
@@ -24,7 +28,8 @@ other hooks is refused in one line). Hooks must not draw from the agent's random
 streams (they would change the training run): one that needs randomness uses its own stream.
 
 Implementations: qvpo.research.adaptive_k (SpreadKb, BiasKt), qvpo.research.adaptive_entropy
-(AdaptiveEntropyWeight), qvpo.research.gradient_variance (GradientVariance).
+(AdaptiveEntropyWeight), qvpo.research.gradient_variance (GradientVariance), qvpo.research.mpo
+(MStepTrustRegion, the one that adds a policy penalty).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class QVPOHook:
 
     def on_candidates(self, agent, scored: Scored) -> None:
         """Called every update with the policy step's scored candidates."""
+
+    def policy_penalty(self, agent, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor | None:
+        """Called in every policy step with the rows of the chosen candidates, states (N, R, S)
+        and actions (N, R, A) (the entropy term's uniform rows left out); a (N,) tensor is added
+        to the policy loss (one term per seed) before the backward pass."""
+        return None
 
     def after_update(self, agent, buffers, step: int, metrics: dict) -> None:
         """Called at the end of every update; may add entries to `metrics`."""

@@ -14,6 +14,7 @@ import torch
 # replay sampling, diagnostics that must leave training's streams alone)
 INIT_STREAM, NOISE_STREAM, EVAL_STREAM, BUFFER_STREAM = 0, 1_000_003, 2_000_029, 3_000_017
 DIAGNOSTIC_STREAM = 4_000_037
+RESEARCH_STREAM = 5_000_011  # research hooks that add to the training step (qvpo.research.mpo)
 
 
 # entropy of the evaluation envs' seed tree (any fixed number: it only has to stay fixed)

@@ -32,7 +32,7 @@ from qvpo.errors import ConfigError
 from qvpo.research.adaptive_entropy import AdaptiveEntropyWeight
 from qvpo.research.adaptive_k import BiasKt, SpreadKb
 from qvpo.research.gradient_variance import GradientVariance
-from qvpo.research.mpo import MPOEStep
+from qvpo.research.mpo import MPOEStep, MStepTrustRegion
 from conftest import TINY
 from test_ppo import _synthetic_rollout
 from test_qvpo_agent import filled_buffers
@@ -74,6 +74,8 @@ CASES = {
         "hooks": [SpreadKb(low=-1.0, high=-0.5, momentum=1.0, patience=1), BiasKt(momentum=1.0, patience=1)]}),
     "qvpo+mpo": Case("qvpo", dict(TINY_QVPO, train_selection="all"), {"train_selection": "best"},
                      hooks=lambda: {"q_weight": MPOEStep(epsilon=0.1)}),
+    "qvpo+mstep": Case("qvpo", TINY_QVPO, {"target_candidates": 0},
+                       hooks=lambda: {"hooks": [MStepTrustRegion(epsilon=1e-3, alpha_init=2.0, lr=0.05)]}),
     "sac": Case("sac", dict(batch_size=8, hidden=(16, 16), init_alpha=0.5), {"init_alpha": 0.0}),
     "sac-discrete": Case("sac", dict(batch_size=8, hidden=(16, 16), init_alpha=0.5), {"init_alpha": 0.0}, discrete=True),
     "td3": Case("td3", dict(batch_size=8, hidden=(16, 16), policy_delay=2), {"batch_size": 0}),

@@ -214,3 +214,93 @@ def test_qvpo_with_the_estep_weights_every_candidate_and_keeps_the_entropy_share
     # each state's Nd candidate rows sit next to each other, with that state's observation
     rows = seen["states"][:, :B * Nd].view(2, B, Nd, 3)
     torch.testing.assert_close(rows, rows[:, :, :1].expand_as(rows))
+
+
+# ------------------------------------------------------------------------------------- M-step
+def _mstep_agent(seeds=(0, 1), **hook):
+    from qvpo.agents.base import AgentContext
+    from qvpo.agents.qvpo import QVPO
+    from qvpo.research.mpo import MStepTrustRegion
+
+    hooks = [MStepTrustRegion(**hook)] if hook else []
+    return QVPO(AgentContext(3, 2, seeds=seeds), batch_size=8, train_candidates=4, uniform_samples=2,
+                target_candidates=2, hooks=hooks)
+
+
+def test_denoiser_distance_is_zero_for_the_same_network_and_its_step_pulls_towards_the_old(tiny):
+    """D = mean (eps_theta - eps_old)^2 on the forward-noised rows: 0 (and no gradient) when the
+    policy is its target, positive after the policy moved; a gradient step on D moves it back."""
+    from qvpo.research.mpo import denoiser_distance
+    from qvpo.rng import SeedRNG
+
+    agent = _mstep_agent()
+    states, actions = torch.randn(2, 6, 3), torch.rand(2, 6, 2) * 2 - 1
+    rng = lambda: SeedRNG([0, 1], "cpu", 99)  # noqa: E731 - the same (t, eps) each call
+    d = denoiser_distance(agent.policy, agent.policy_target, states, actions, rng())
+    assert d.shape == (2,) and torch.equal(d, torch.zeros(2))
+    with torch.no_grad():
+        for p in agent.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = denoiser_distance(agent.policy, agent.policy_target, states, actions, rng())
+    assert (d > 0).all()
+    d.sum().backward()
+    with torch.no_grad():
+        for p in agent.policy.parameters():
+            p.sub_(0.5 * p.grad)
+        assert (denoiser_distance(agent.policy, agent.policy_target, states, actions, rng()) < d).all()
+        # by hand for seed 1: the same (t, eps), the noised action, both networks' predictions
+        r = rng()
+        t, eps = r.randint(agent.policy.T, 6), r.randn(6, 2)
+        sch = agent.policy.schedule
+        a_t = sch.sqrt_alpha_bar[t, None] * actions + sch.sqrt_one_minus_alpha_bar[t, None] * eps
+        new, old = (net.denoiser(a_t, t, states, net.T) for net in (agent.policy, agent.policy_target))
+        torch.testing.assert_close(denoiser_distance(agent.policy, agent.policy_target, states, actions, rng()),
+                                   (new - old).pow(2).mean(dim=(1, 2)))
+
+
+def test_the_trust_region_multiplier_follows_the_constraint_per_seed(tiny):
+    """alpha grows for a seed whose distance exceeds epsilon and shrinks for one below it; the
+    penalty added to the policy loss is alpha (before the step) times the distance."""
+    from qvpo.research.mpo import MStepTrustRegion
+
+    agent = _mstep_agent(epsilon=0.01, alpha_init=1.0, lr=0.1)
+    hook = agent.hooks[0]
+    assert isinstance(hook, MStepTrustRegion)
+    torch.testing.assert_close(hook.alpha().detach(), torch.ones(2))
+    with torch.no_grad():  # seed 0's policy moves far from its target, seed 1's not at all
+        for p in agent.policy.parameters():
+            p[0].add_(0.5 * torch.randn_like(p[0]))
+    penalty = hook.policy_penalty(agent, torch.randn(2, 6, 3), torch.rand(2, 6, 2) * 2 - 1)
+    distance, alpha_before = hook._last
+    assert distance[0] > 0.01 and distance[1] == 0
+    torch.testing.assert_close(penalty, alpha_before * distance)
+    alpha = hook.alpha().detach()
+    assert alpha[0] > 1.0 > alpha[1]
+
+
+def test_the_trust_region_keeps_the_policy_near_its_target_and_is_logged(tiny):
+    """Over 30 updates of one seed, a tight trust region (epsilon 1e-6, alpha starting at 100)
+    leaves the policy closer to its EMA target than the same run without it; its distance and
+    multiplier are logged; without the hook the update's numbers are QVPO's (no hook, no draw)."""
+    from test_qvpo_agent import filled_buffers
+
+    from qvpo.research.mpo import denoiser_distance
+    from qvpo.rng import SeedRNG
+
+    free, held = _mstep_agent(seeds=(0,)), _mstep_agent(seeds=(0,), epsilon=1e-6, alpha_init=100.0)
+    buffers_free, buffers_held = filled_buffers((0,)), filled_buffers((0,))
+    for step in range(1, 31):
+        m_free, m_held = free.update(buffers_free, step), held.update(buffers_held, step)
+    assert "mstep/distance" not in m_free and m_held["mstep/alpha"].shape == (1,)
+    states, actions = torch.randn(1, 32, 3), torch.rand(1, 32, 2) * 2 - 1
+    gap = [denoiser_distance(a.policy, a.policy_target, states, actions, SeedRNG([0], "cpu", 5)).item()
+           for a in (free, held)]
+    assert gap[1] < 0.5 * gap[0]
+
+
+def test_trust_region_bad_settings_are_one_line(tiny):
+    from qvpo.research.mpo import MStepTrustRegion
+
+    for kw, name in (({"epsilon": 0}, "epsilon"), ({"alpha_init": -1.0}, "alpha_init"), ({"lr": float("nan")}, "lr")):
+        with pytest.raises(ConfigError, match=f"MStepTrustRegion.{name} must be a finite number > 0"):
+            MStepTrustRegion(**kw)

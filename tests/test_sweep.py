@@ -223,7 +223,7 @@ SMOKE_VARIANTS = {
     "open_adaptive_entropy": ("QVPO", "adaptive"),
     "open_adaptive_k": ("QVPO", "adaptive-both"),
     "open_components": ("QVPO", "w1-random"),
-    "open_mpo": ("QVPO", "mpo-estep"),
+    "open_mpo": ("QVPO", "mpo-estep-mstep"),
     "open_scaling": ("QVPO", "DIPO"),
     "open_sparse": ("QVPO", "SAC"),
     "open_weight_variance": ("QVPO",),

@@ -268,8 +268,15 @@ class QVPO(Agent):
         per seed -> (loss (N,), gradient norm (N,))."""
         loss_states, loss_actions = self.policy_rows(states, chosen, self.rng)
         policy_loss = self.policy.loss(loss_states, loss_actions, row_weights(w, omega, self.Ne), self.rng)  # (N,)
+        objective = policy_loss
+        if self.hooks:  # e.g. MPO's M-step trust region (qvpo.research.mpo.MStepTrustRegion)
+            n_chosen = loss_actions.shape[1] - states.shape[1] * self.Ne  # the rows before the uniform ones
+            for hook in self.hooks:
+                penalty = hook.policy_penalty(self, loss_states[:, :n_chosen], loss_actions[:, :n_chosen])
+                if penalty is not None:
+                    objective = objective + penalty
         self.policy_opt.zero_grad(set_to_none=True)
-        policy_loss.sum().backward()
+        objective.sum().backward()
         return policy_loss, clip_and_step(self.policy_opt, self.grad_clip)
 
     def select_candidates(self, states: torch.Tensor, rng: SeedRNG) -> tuple[torch.Tensor, ...]:

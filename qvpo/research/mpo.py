@@ -75,6 +75,8 @@ import torch
 from torch import nn
 
 from qvpo.errors import require
+from qvpo.hooks import QVPOHook
+from qvpo.rng import RESEARCH_STREAM, SeedRNG
 from qvpo.weights import QWeight
 
 _U_MAX = 1e7  # largest inverse temperature D / eta returned (sharpest E-step)
@@ -340,3 +342,94 @@ class MPOEStep(QWeight):
         if self._last_kl is not None:
             out["mpo/kl"] = self._last_kl.float()
         return out
+
+
+# ------------------------------------------------------------------------------------- M-step
+def denoiser_distance(policy, old_policy, states: torch.Tensor, actions: torch.Tensor, rng: SeedRNG) -> torch.Tensor:
+    """D(theta) per seed (N,): mean over rows, diffusion steps t ~ U{0..T-1} and action dimensions
+    of (eps_theta(a_t, s, t) - eps_old(a_t, s, t))^2, a_t = sqrt(ab_t) a + sqrt(1 - ab_t) eps, with
+    one (t, eps) per row shared by both networks; gradient into `policy` only.
+
+    Why this is the trust region's distance: for two DDPMs with the same fixed variances, the KL
+    between their reverse processes is a sum over t of c_t E||mu_old - mu_theta||^2, and with the
+    eps parameterisation mu_old - mu_theta is a per-t constant times eps_theta - eps_old (Ho et al.
+    2020, arXiv 2006.11239, Sec. 3.2, Eqs. 8-12, where the same algebra turns the ELBO into the
+    denoising loss). D drops the per-t constants, as the denoising loss it is added to drops
+    them ("L_simple", Eq. 14), and takes a_t from the forward process of the old policy's samples
+    (the chosen candidates) instead of its reverse trajectories.
+    """
+    N, R, A = actions.shape
+    t = rng.randint(policy.T, R)
+    eps = rng.randn(R, A)
+    sch = policy.schedule
+    a_t = sch.sqrt_alpha_bar[t, None] * actions + sch.sqrt_one_minus_alpha_bar[t, None] * eps
+    with torch.no_grad():
+        old = old_policy.denoiser(a_t, t, states, old_policy.T)
+    return (policy.denoiser(a_t, t, states, policy.T) - old).pow(2).mean(dim=-1).mean(dim=-1)
+
+
+@gin.configurable
+class MStepTrustRegion(QVPOHook):
+    """MPO's M-step trust region on the diffusion loss (open question 5, the optional part;
+    reproduce/open_mpo): the policy step minimises L(theta) + alpha D(theta), D the distance of
+    `denoiser_distance` between the policy and its EMA target (the old policy), and the multiplier
+    alpha >= 0 per seed follows the constraint D <= epsilon by gradient steps on the dual
+    alpha (epsilon - D). This is MPO's M-step Lagrangian (arXiv 1806.06920, Sec. 3.3, the KL
+    between the old and new policy bounded by epsilon and the bound enforced by a Lagrange
+    multiplier), in the form DeepMind's Acme MPO implements it: penalty stop_grad(alpha) KL, dual
+    loss alpha (epsilon - stop_grad(KL)), alpha = softplus(log alpha) + 1e-8 with log alpha kept
+    >= -18, the KL taken to the target policy network (google-deepmind/acme@3111b84,
+    acme/tf/losses/mpo.py, `compute_parametric_kl_penalty_and_dual_loss`). For a Gaussian policy
+    that KL is closed-form; a diffusion policy has none, so D stands in for it (its docstring).
+
+        QVPO.hooks = [@MStepTrustRegion()]      # with the E-step weight or without
+
+    epsilon = 0.01, alpha_init = 1.0 (softplus^-1 of it is the initial log alpha), lr = 0.01 (Adam
+    on log alpha): ours, no source gives values for a diffusion policy; `mstep/distance` and
+    `mstep/alpha` are logged per update to audit them. The distance's (t, eps) come from a stream of
+    the hook's own (qvpo.rng.RESEARCH_STREAM), so attaching it changes the training run only
+    through the penalty. State: log alpha, its Adam moments and the stream, per seed.
+    """
+
+    def __init__(self, epsilon: float = 0.01, alpha_init: float = 1.0, lr: float = 0.01):
+        for name, value in (("epsilon", epsilon), ("alpha_init", alpha_init), ("lr", lr)):
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0, f"MStepTrustRegion.{name} must be a finite number > 0, got {value!r}")
+        self.epsilon, self.alpha_init, self.lr = float(epsilon), float(alpha_init), float(lr)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attach(self, agent) -> None:
+        n = len(agent.seeds)
+        init = math.log(math.expm1(self.alpha_init))  # softplus(init) = alpha_init
+        self.log_alpha = torch.full((n,), init, device=agent.device, requires_grad=True)
+        self.opt = torch.optim.Adam([self.log_alpha], lr=self.lr)
+        self.rng = SeedRNG(agent.seeds, agent.device, RESEARCH_STREAM)
+
+    def alpha(self) -> torch.Tensor:
+        return torch.nn.functional.softplus(self.log_alpha) + 1e-8
+
+    def policy_penalty(self, agent, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        distance = denoiser_distance(agent.policy, agent.policy_target, states, actions, self.rng)  # (N,)
+        alpha = self.alpha()
+        penalty = alpha.detach() * distance
+        # the dual step: alpha grows while D exceeds epsilon, shrinks (towards 0) while it is below
+        self.opt.zero_grad(set_to_none=True)
+        (alpha * (self.epsilon - distance.detach())).sum().backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.log_alpha.clamp_(min=-18.0)
+        self._last = (distance.detach(), alpha.detach())
+        return penalty
+
+    def after_update(self, agent, buffers, step: int, metrics: dict) -> None:
+        if self._last is not None:
+            metrics["mstep/distance"], metrics["mstep/alpha"] = self._last
+
+    def state_dict(self) -> dict:
+        return {"log_alpha": self.log_alpha.detach().clone(), "opt": self.opt.state_dict(), "rng": self.rng.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.load_state_dict(state["rng"])
