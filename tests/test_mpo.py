@@ -281,7 +281,7 @@ def test_the_trust_region_multiplier_follows_the_constraint_per_seed(tiny):
 def test_the_trust_region_keeps_the_policy_near_its_target_and_is_logged(tiny):
     """Over 30 updates of one seed, a tight trust region (epsilon 1e-6, alpha starting at 100)
     leaves the policy closer to its EMA target than the same run without it; its distance and
-    multiplier are logged; without the hook the update's numbers are QVPO's (no hook, no draw)."""
+    multiplier are logged."""
     from test_qvpo_agent import filled_buffers
 
     from qvpo.research.mpo import denoiser_distance
@@ -298,9 +298,64 @@ def test_the_trust_region_keeps_the_policy_near_its_target_and_is_logged(tiny):
     assert gap[1] < 0.5 * gap[0]
 
 
+@pytest.mark.parametrize("selection, Ne", [("best", 2), ("all", 2), ("all", 0)])
+def test_policy_penalty_gets_the_chosen_rows_only_and_none_changes_nothing(tiny, selection, Ne):
+    """policy_penalty sees exactly the chosen candidates' rows of the policy loss (B rows under
+    'best', B * Nd under 'all'; never the Ne uniform rows), with their states; a hook returning
+    None leaves the update's numbers and the agent's random stream as they are without it."""
+    from test_qvpo_agent import filled_buffers
+
+    from qvpo.agents.base import AgentContext
+    from qvpo.agents.qvpo import QVPO
+    from qvpo.hooks import QVPOHook
+    from qvpo.research.mpo import MPOEStep
+
+    B, Nd = 8, 4
+    seen = {}
+
+    class Spy(QVPOHook):
+        def policy_penalty(self, agent, states, actions):
+            seen.update(states=states, actions=actions)
+
+    def build(hooks):
+        extra = dict(q_weight=MPOEStep(), train_selection="all") if selection == "all" else {}
+        return QVPO(AgentContext(3, 2, seeds=(0, 1)), batch_size=B, train_candidates=Nd, uniform_samples=Ne,
+                    target_candidates=2, hooks=hooks, **extra)
+
+    spied, plain = build([Spy()]), build([])
+    rows = {}
+    real_rows = spied.policy_rows
+    spied.policy_rows = lambda *a: rows.setdefault("all", real_rows(*a))
+    m_spied, m_plain = spied.update(filled_buffers((0, 1)), 1), plain.update(filled_buffers((0, 1)), 1)
+    R = B * (Nd if selection == "all" else 1)
+    assert seen["actions"].shape == (2, R, 2) and seen["states"].shape == (2, R, 3)
+    all_states, all_actions = rows["all"]
+    assert all_actions.shape[1] == R + B * Ne
+    assert torch.equal(seen["actions"], all_actions[:, :R]) and torch.equal(seen["states"], all_states[:, :R])
+    assert m_spied["loss/actor"].tolist() == m_plain["loss/actor"].tolist()
+    assert all(torch.equal(a, b) for a, b in zip(spied.policy.parameters(), plain.policy.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(spied.rng.state_dict(), plain.rng.state_dict()))
+
+
+def test_the_trust_region_draws_from_its_own_stream(tiny):
+    """With the M-step hook the agent's own random stream advances exactly as without it (the
+    distance's (t, eps) come from the hook's stream)."""
+    from test_qvpo_agent import filled_buffers
+
+    with_hook, without = _mstep_agent(epsilon=0.01), _mstep_agent()
+    buffers_with, buffers_without = filled_buffers((0, 1)), filled_buffers((0, 1))
+    for step in (1, 2, 3):  # at the first the policy is its target (D = 0): the penalty acts from the second
+        with_hook.update(buffers_with, step)
+        without.update(buffers_without, step)
+    assert all(torch.equal(a, b) for a, b in zip(with_hook.rng.state_dict(), without.rng.state_dict()))
+    assert not all(torch.equal(a, b) for a, b in zip(with_hook.policy.parameters(), without.policy.parameters()))
+
+
 def test_trust_region_bad_settings_are_one_line(tiny):
     from qvpo.research.mpo import MStepTrustRegion
 
     for kw, name in (({"epsilon": 0}, "epsilon"), ({"alpha_init": -1.0}, "alpha_init"), ({"lr": float("nan")}, "lr")):
         with pytest.raises(ConfigError, match=f"MStepTrustRegion.{name} must be a finite number > 0"):
             MStepTrustRegion(**kw)
+    agent = _mstep_agent(alpha_init=1e6)  # a large multiplier is a setting, not an overflow
+    torch.testing.assert_close(agent.hooks[0].alpha().detach(), torch.full((2,), 1e6))

@@ -355,8 +355,10 @@ def denoiser_distance(policy, old_policy, states: torch.Tensor, actions: torch.T
     eps parameterisation mu_old - mu_theta is a per-t constant times eps_theta - eps_old (Ho et al.
     2020, arXiv 2006.11239, Sec. 3.2, Eqs. 8-12, where the same algebra turns the ELBO into the
     denoising loss). D drops the per-t constants, as the denoising loss it is added to drops
-    them ("L_simple", Eq. 14), and takes a_t from the forward process of the old policy's samples
-    (the chosen candidates) instead of its reverse trajectories.
+    them ("L_simple", Eq. 14), and takes its expectation over the forward process of the policy
+    step's chosen candidates (drawn from the current policy before the step and, under 'best',
+    picked by Q; under 'all', every candidate) instead of over the old policy's reverse
+    trajectories.
     """
     N, R, A = actions.shape
     t = rng.randint(policy.T, R)
@@ -400,7 +402,8 @@ class MStepTrustRegion(QVPOHook):
 
     def attach(self, agent) -> None:
         n = len(agent.seeds)
-        init = math.log(math.expm1(self.alpha_init))  # softplus(init) = alpha_init
+        a = self.alpha_init
+        init = a + math.log(-math.expm1(-a))  # softplus(init) = a (the stable form of log(e^a - 1))
         self.log_alpha = torch.full((n,), init, device=agent.device, requires_grad=True)
         self.opt = torch.optim.Adam([self.log_alpha], lr=self.lr)
         self.rng = SeedRNG(agent.seeds, agent.device, RESEARCH_STREAM)

@@ -7,8 +7,9 @@ transforms: wadx2019/qvpo@40a1974 agent/q_transform.py L43-L50). So with the def
 the logged `qweight/mean` is exactly the selection's gain, mean over states of
 max_j Q(s, a_j) - mean_j Q(s, a_j), and `q/candidates_std` is the spread of the candidates' Q
 (mean over states of the sd over j). Their ratio is the gain in units of the spread: for
-independent normal Q values it is E[max of Nd standard normals] (2.5 for Nd = 64) whatever |A|
-is, so a ratio well below that says the candidates are not independent draws of Q. The gain
+independent normal Q values it is E[max of Nd standard normals] (1.03 for Nd = 4, 1.77 for 16,
+2.34 for 64, 2.83 for 256) whatever |A| is, so a ratio well below that says the candidates' Q
+values are not independent normal draws. The gain
 relative to |Q| (q/mean, the critic's value of replayed actions) says how much the selection
 moves the policy's target compared with the values themselves; this is the number that would fall
 if best-of-Nd stopped being useful as |A| grows.
@@ -45,11 +46,10 @@ def _second_half_mean(client, run_id: str, key: str) -> float:
 def _action_dim(env_id: str) -> int | None:
     """|A| of the task (building it; None where its family's extra is not installed here)."""
     from qvpo.envs import env_dims, make_env
-    from qvpo.errors import ConfigError
 
     try:
         env = make_env(env_id, seed=0)
-    except ConfigError:
+    except Exception:  # a task this machine cannot build leaves its |A| unknown, not the report
         return None
     try:
         return env_dims(env)[1]
