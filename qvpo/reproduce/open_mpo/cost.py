@@ -45,6 +45,15 @@ def seconds_per_update(bindings: list[str], updates: int) -> float:
     return (time.perf_counter() - t0) / updates
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="open_mpo_cost")
@@ -64,7 +73,7 @@ def main(argv=None) -> int:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = ["# open_mpo: cost of one update per weight", "",
              f"Provenance: commit `{commit or 'unknown'}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-             f"{platform.machine()} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s), torch "
+             f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s), torch "
              f"{torch.__version__}, load average at the end {load}; command: "
              f"`python -m qvpo.reproduce.open_mpo.cost {' '.join(argv or [])}` ({a.updates} updates after one "
              f"warm-up, {a.repeats} repeats interleaved; the paper's settings, Hopper's sizes, one seed); "
