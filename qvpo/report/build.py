@@ -89,7 +89,7 @@ def build_report(experiment: str, tracking_uri: str, paper_csv: Path | None, out
 
     figures = []
     for t in tasks:
-        name = f"curves_{t}.png"
+        name = f"curves_{t.replace('/', '_')}.png"  # dm_control/<task>: one file, no folder
         plot_learning_curves(groups, norm.random_scores, report_dir / name, t, layout)
         figures.append(name)
     if scores:
