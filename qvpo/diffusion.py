@@ -86,6 +86,11 @@ class NoiseSchedule(nn.Module):
             consts["posterior_ct"], consts["posterior_std"]], dim=1).to(torch.float32), persistent=False)
         self.step_coef_floats = self.step_coefs.tolist()  # host copy, made once: no device sync later
 
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The forward process at step t: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, with t (N, R)
+        per row of x0 and eps (N, R, A)."""
+        return self.sqrt_alpha_bar[t, None] * x0 + self.sqrt_one_minus_alpha_bar[t, None] * eps
+
 
 def denoise_step(x, sp, step_bias, W_a, hidden, c, z, act, clip_x0: bool, dtype):
     """One reverse DDPM step for a block of chains: x_t (N, R, A) -> x_{t-1}.
@@ -386,8 +391,7 @@ class DiffusionPolicy(nn.Module):
             t = rng.randint(self.T, R) if rng is not None else torch.randint(0, self.T, (N, R), device=actions.device)
         if eps is None:
             eps = rng.randn(R, A) if rng is not None else torch.randn_like(actions)
-        sch = self.schedule
-        a_t = sch.sqrt_alpha_bar[t, None] * actions + sch.sqrt_one_minus_alpha_bar[t, None] * eps
+        a_t = self.schedule.noised(actions, t, eps)
         per_row = (self.denoiser(a_t, t, states, self.T) - eps).pow(2).mean(dim=-1)
         if weights is not None:
             per_row = per_row * weights

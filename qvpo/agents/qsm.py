@@ -253,8 +253,7 @@ class QSM(Agent):
     def actor_loss(self, obs: torch.Tensor, action: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
         """Per seed: mean_B mean_A (-alpha g(s, a~) - eps_theta(a~, s, t))^2 with
         a~ = sqrt(ab_t) a + sqrt(1 - ab_t) eps. Returns (loss (N,), g, eps_theta)."""
-        sch = self.schedule
-        noisy = sch.sqrt_alpha_bar[t, None] * action + sch.sqrt_one_minus_alpha_bar[t, None] * eps
+        noisy = self.schedule.noised(action, t, eps)
         g = self.score_target(obs, noisy)
         eps_pred = self.actor(noisy, t, obs, self.T)
         loss = (-self.score_scale * g - eps_pred).pow(2).mean(dim=-1).mean(dim=-1)

@@ -363,8 +363,7 @@ def denoiser_distance(policy, old_policy, states: torch.Tensor, actions: torch.T
     N, R, A = actions.shape
     t = rng.randint(policy.T, R)
     eps = rng.randn(R, A)
-    sch = policy.schedule
-    a_t = sch.sqrt_alpha_bar[t, None] * actions + sch.sqrt_one_minus_alpha_bar[t, None] * eps
+    a_t = policy.schedule.noised(actions, t, eps)
     with torch.no_grad():
         old = old_policy.denoiser(a_t, t, states, old_policy.T)
     return (policy.denoiser(a_t, t, states, policy.T) - old).pow(2).mean(dim=-1).mean(dim=-1)

@@ -10,15 +10,14 @@ Each is timed over `--updates` updates on a filled replay buffer after one warm-
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import gin
 import torch
+
+from qvpo.reproduce.costing import filled_buffers, provenance
 
 VARIANTS = {
     "qadv": [],
@@ -32,26 +31,16 @@ def seconds_per_update(bindings: list[str], updates: int) -> float:
     from qvpo import config
     from qvpo.agents import agent_class
     from qvpo.agents.base import AgentContext
-    from qvpo.reproduce.open_scaling.cost import _buffers
 
     gin.clear_config()
     config.parse(["algos/qvpo.gin"], bindings)
     agent = agent_class("qvpo")(AgentContext(11, 3, (0,)))
-    buffers = _buffers(11, 3)
+    buffers = filled_buffers(11, 3)
     agent.update(buffers, 1)  # warm-up: first-call allocations, native build
     t0 = time.perf_counter()
     for step in range(2, updates + 2):
         agent.update(buffers, step)
     return (time.perf_counter() - t0) / updates
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -62,22 +51,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from qvpo.native import describe
-
     times = {name: [] for name in VARIANTS}
     for _ in range(a.repeats):  # interleaved, so a change of load touches every variant alike
         for name, bindings in VARIANTS.items():
             times[name].append(seconds_per_update(bindings, a.updates))
             print(name, round(times[name][-1], 3), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = ["# open_mpo: cost of one update per weight", "",
-             f"Provenance: commit `{commit or 'unknown'}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-             f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s), torch "
-             f"{torch.__version__}, load average at the end {load}; command: "
-             f"`python -m qvpo.reproduce.open_mpo.cost {' '.join(argv or [])}` ({a.updates} updates after one "
-             f"warm-up, {a.repeats} repeats interleaved; the paper's settings, Hopper's sizes, one seed); "
-             f"sampler: {describe(where=False)}.", "",
+             provenance(f"python -m qvpo.reproduce.open_mpo.cost {' '.join(sys.argv[1:] if argv is None else argv)}".strip(),
+                        f"{a.updates} updates after one warm-up, {a.repeats} repeats interleaved; the paper's "
+                        "settings, Hopper's sizes, one seed"), "",
              "| variant | s / update, each repeat | ratio to qadv, each repeat |", "|---|---|---|"]
     for name, ts in times.items():
         ratios = [t / q for t, q in zip(ts, times["qadv"])]

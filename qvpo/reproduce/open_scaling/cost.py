@@ -12,30 +12,18 @@ Writes cost.csv and cost.md (with a provenance line) into --out.
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import gin
-import numpy as np
 import torch
+
+from qvpo.reproduce.costing import filled_buffers, provenance
 
 TASKS = ("Hopper-v5", "Humanoid-v5", "dm_control/humanoid-run-v0", "dm_control/dog-run-v0")
 ALGOS = ("qvpo", "sac", "dipo")
-
-
-def _buffers(obs_dim: int, action_dim: int, n: int = 2048):
-    from qvpo.buffers import ReplayBuffer, SeedBuffers
-
-    buf = ReplayBuffer(obs_dim, action_dim, capacity=n)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        buf.add(torch.randn(obs_dim, generator=g), torch.rand(action_dim, generator=g) * 2 - 1, 0.0,
-                torch.randn(obs_dim, generator=g), False)
-    return SeedBuffers([buf], [0])
 
 
 def _env(task: str):
@@ -69,7 +57,7 @@ def measure(algo: str, obs_dim: int, action_dim: int, updates: int) -> tuple[flo
     gin.clear_config()
     config.parse([f"algos/{algo}.gin"], [])
     agent = agent_class(algo)(AgentContext(obs_dim, action_dim, (0,)))
-    buffers = _buffers(obs_dim, action_dim)
+    buffers = filled_buffers(obs_dim, action_dim)
     agent.update(buffers, 1)  # warm-up: first-call allocations, native build
     t0 = time.perf_counter()
     for step in range(2, updates + 2):
@@ -91,7 +79,6 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="*", default=list(TASKS))
     p.add_argument("--algos", nargs="*", default=list(ALGOS))
     a = p.parse_args(argv)
-    from qvpo.native import describe
     torch.set_num_threads(a.threads)
     rows = []
     for task in a.tasks:
@@ -111,22 +98,9 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-    except OSError:
-        commit, dirty = "unknown", ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
     lines = ["# open_scaling: cost against the action dimension", "",
-             f"Provenance: commit `{commit}{' with uncommitted changes' if dirty else ''}`, "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {torch.get_num_threads()} thread(s), "
-             f"torch {torch.__version__}, load average at the end {load}; command: "
-             f"`python -m qvpo.reproduce.open_scaling.cost {' '.join(argv or [])}` "
-             f"({a.updates} updates after one warm-up, each algorithm at gin/algos/<algo>.gin, one seed); "
-             f"sampler: {describe(where=False)}.", "",
+             provenance(f"python -m qvpo.reproduce.open_scaling.cost {' '.join(sys.argv[1:] if argv is None else argv)}".strip(),
+                        f"{a.updates} updates after one warm-up, each algorithm at gin/algos/<algo>.gin, one seed"), "",
              "| task | obs | |A| | algorithm | ms / update | ms / behaviour action | ms / env step |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['obs_dim']} | {r['action_dim']} | {r['algo']} | {r['update_ms']} | "
