@@ -13,7 +13,6 @@ from pathlib import Path
 import gin
 
 # importing these registers their configurables with gin
-import qvpo.agents  # noqa: F401
 import qvpo.buffers  # noqa: F401
 import qvpo.diffusion  # noqa: F401
 import qvpo.envs  # noqa: F401
@@ -27,8 +26,10 @@ import qvpo.schedules  # noqa: F401
 import qvpo.tracking  # noqa: F401
 import qvpo.train  # noqa: F401
 import qvpo.weights  # noqa: F401
-from qvpo.agents import ALGORITHMS
+from qvpo.agents import ALGORITHMS, import_all
 from qvpo.errors import ConfigError, one_line
+
+import_all()  # every algorithm's configurable
 
 # the configs and reproduce specs ship inside the package (also in a wheel): qvpo/gin/ and
 # qvpo/reproduce/ (the checkout links gin/ and reproduce/ at its top level to them)
@@ -123,20 +124,6 @@ def parse(gin_files: list[str], bindings: list[str], algo: str | None = None) ->
         raise ConfigError(f"--algo {algo} contradicts the gin files or bindings, which choose "
                           f"Trainer.agent = @{bound_agent()} (e.g. through include 'algos/...gin'); "
                           f"drop --algo or the file that picks another algorithm")
-
-
-def check_agent_bindings(agent_name: str) -> None:
-    """Refuse bindings of another algorithm's parameters (`--algo sac --bind 'QVPO.T = 5'`): they
-    would do nothing, and the run would silently not be the one asked for."""
-    from gin import config as gin_config
-
-    agents = set(ALGORITHMS.values())
-    stray = sorted({selector.split(".")[-1] for (_, selector) in gin_config._CONFIG
-                    if selector.split(".")[-1] in agents and selector.split(".")[-1] != agent_name})
-    if stray:
-        params = ", ".join(f"{s}.*" for s in stray)
-        raise ConfigError(f"bindings of {params} do nothing in a {agent_name} run; drop them, or run "
-                          f"{' / '.join(stray)} instead (--algo {stray[0].lower()})")
 
 
 def parse_text(text: str, bindings: list[str]) -> None:

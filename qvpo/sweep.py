@@ -30,6 +30,11 @@ from qvpo.errors import ConfigError, one_line, require, require_int
 from qvpo.envs import check_env_id
 from qvpo.tracking import search_all
 
+# experiment tags in which a sweep records its report's layout (record_layout; qvpo.report.layout reads them)
+TREATMENT_TAG = "qvpo.treatment"  # the treatment's label
+COLUMNS_TAG = "qvpo.columns"  # the column labels in order, a JSON list
+LAYOUT_SWEEP_TAG = "qvpo.layout_sweep"  # the sweep (Sweep.name) that recorded them
+
 
 @gin.configurable
 @dataclass
@@ -198,7 +203,6 @@ def record_layout(sweep: Sweep, tracking_uri: str) -> None:
     sweep into an experiment sets them."""
     import json
 
-    from qvpo.report.layout import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG
     from qvpo.tracking import MlflowTracker
 
     columns, treatment = layout(sweep)
@@ -214,7 +218,7 @@ def _bound_agent(binding: str) -> str | None:
     """The agent whose parameter a binding sets ('QVPO.tau = 0.01' -> 'QVPO'), else None.
 
     A sweep's bindings apply to every run; one algorithm's parameters go to that algorithm's runs
-    only (a single `qvpo train` refuses them: config.check_agent_bindings)."""
+    only (a single `qvpo train` refuses them: qvpo.agents.check_agent_bindings)."""
     from qvpo.agents import ALGORITHMS
 
     selector = binding.split("=", 1)[0].strip().rsplit("/", 1)[-1]

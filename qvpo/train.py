@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qvpo.agents import agent_class, check_agent_bindings
 from qvpo.agents.base import Agent, AgentContext
 from qvpo.buffers import ReplayBuffer, SeedBuffers
 from qvpo.checkpoint import atomic_save
@@ -219,13 +220,11 @@ class Trainer:
         obs_dim, action_dim = env_dims(self.envs[0])
         self.timer = PhaseTimer(self.device, sync=sync_timing)
         if isinstance(agent, str):
-            from qvpo.agents import agent_class  # the registry, by --algo name
             agent = agent_class(agent)
         self.agent = agent(AgentContext(obs_dim, action_dim, tuple(self.seeds), self.device,
                                         self.total_steps, self.timer, discrete_actions(self.envs[0])))
         self.warmup_steps = self.agent.warmup_steps if warmup_steps is None else warmup_steps
         if not self.agent.baseline:
-            from qvpo.config import check_agent_bindings  # (config imports this module)
             check_agent_bindings(type(self.agent).__name__)
         # the loop's state (what a checkpoint holds besides agent, buffers and envs)
         N = len(self.seeds)

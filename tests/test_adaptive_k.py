@@ -47,7 +47,7 @@ def test_smoothing_and_checks():
 
 def test_qvpo_moves_kb_and_kt_with_its_rules_and_checkpoints_them():
     from qvpo.agents.qvpo import QVPO
-    from test_qvpo_agent import filled_buffers
+    from helpers import filled_buffers
 
     kw = dict(batch_size=8, train_candidates=4)
     rules = [SpreadKb(initial=4, low=-1.0, high=-0.5, momentum=1.0, patience=1), BiasKt(initial=4, momentum=1.0, patience=1)]

@@ -1,7 +1,7 @@
 """The agent contract (qvpo.agents.base.Agent), checked for every algorithm in the registry.
 
 Adding an algorithm = one agent file, one gin file (qvpo/gin/algos/<name>.gin), one line in
-qvpo.agents.ALGORITHMS and one row in CASES below: the tests then check it like every other
+qvpo.agents.REGISTRY and one row in CASES below: the tests then check it like every other
 agent (docs/architecture.md#adding-an-algorithm):
 
   * seeds trained together in one agent compute exactly what each seed computes alone
@@ -34,8 +34,8 @@ from qvpo.research.adaptive_k import BiasKt, SpreadKb
 from qvpo.research.gradient_variance import GradientVariance
 from qvpo.research.mpo import MPOEStep, MStepTrustRegion
 from conftest import TINY
-from test_ppo import _synthetic_rollout
-from test_qvpo_agent import filled_buffers
+from helpers import synthetic_rollout
+from helpers import filled_buffers
 
 S, A = 3, 2  # observation and action sizes of every case
 SEEDS = (3, 4)
@@ -114,7 +114,7 @@ def test_every_registered_algorithm_has_a_row_and_a_gin_file():
 # ------------------------------------------------------------------ helpers
 def _data(agent: Agent, seeds):
     """What the agent learns from: replay buffers (off-policy) or a rollout (on-policy)."""
-    return _synthetic_rollout(seeds, S=S, A=A) if agent.on_policy else filled_buffers(seeds, S, A)
+    return synthetic_rollout(seeds, S=S, A=A) if agent.on_policy else filled_buffers(seeds, S, A)
 
 
 def _update(agent: Agent, data, step: int) -> dict:

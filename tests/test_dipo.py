@@ -13,7 +13,7 @@ from qvpo.errors import ConfigError
 from qvpo.nets import TwinQ
 from qvpo.rng import init_generators
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import filled_buffers
+from helpers import filled_buffers
 
 
 class QuadraticCritic(nn.Module):

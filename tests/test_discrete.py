@@ -21,7 +21,7 @@ from qvpo.rng import SeedRNG
 from qvpo.rollout import gae
 from qvpo.train import Trainer
 from test_learning import random_policy_return
-from test_ppo import _synthetic_rollout
+from helpers import synthetic_rollout
 
 
 # ------------------------------------------------------------------ SAC-Discrete by hand
@@ -203,7 +203,7 @@ def test_one_discrete_ppo_update_equals_the_loss_written_out():
                 actor_hidden=(8,), critic_hidden=(8,), normalize_reward=False, max_grad_norm=None, anneal_lr=False,
                 entropy_coef=0.01)
     net = copy.deepcopy(agent.net)
-    ro = _synthetic_rollout((0,))  # random actions (N, T, 2): the action is their argmax
+    ro = synthetic_rollout((0,))  # random actions (N, T, 2): the action is their argmax
     metrics = agent.update(ro, step=8)
     assert "ppo/policy_std" not in metrics
 

@@ -10,7 +10,7 @@ from qvpo.entropy import kl_entropy
 from qvpo.errors import ConfigError
 from qvpo.research.adaptive_entropy import AdaptiveEntropyWeight
 from qvpo.schedules import Constant, LinearDecay
-from test_qvpo_agent import filled_buffers
+from helpers import filled_buffers
 
 # ---------------------------------------------------------------- the estimator on closed forms
 # n = 2000 samples per set, 8 sets (a leading batch dim) averaged: the estimator's sd per set is

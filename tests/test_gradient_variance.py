@@ -10,7 +10,7 @@ from qvpo.research.gradient_variance import (GradientVariance, build_weightings,
                                              scale_free_variance, weighting_gradient_variance)
 from qvpo.weights import QExp
 from qvpo.identity import RESULTS_VERSION, VERSION_TAG
-from test_qvpo_agent import filled_buffers
+from helpers import filled_buffers
 
 NAMES = ("qadv", "qcut", "qrelu", "qexp", "qexpadv")
 TINY_AGENT = dict(batch_size=8, train_candidates=4, uniform_samples=2, target_candidates=2)

@@ -187,7 +187,7 @@ def test_qvpo_with_the_estep_weights_every_candidate_and_keeps_the_entropy_share
     from qvpo.agents.qvpo import QVPO
     from qvpo.research.mpo import MPOEStep
     from qvpo.schedules import Constant
-    from test_qvpo_agent import filled_buffers
+    from helpers import filled_buffers
 
     B, Nd, Ne, eps = 8, 4, 2, 0.2
     agent = QVPO(AgentContext(3, 2, seeds=(0, 1)), batch_size=B, train_candidates=Nd, uniform_samples=Ne,
@@ -282,7 +282,7 @@ def test_the_trust_region_keeps_the_policy_near_its_target_and_is_logged(tiny):
     """Over 30 updates of one seed, a tight trust region (epsilon 1e-6, alpha starting at 100)
     leaves the policy closer to its EMA target than the same run without it; its distance and
     multiplier are logged."""
-    from test_qvpo_agent import filled_buffers
+    from helpers import filled_buffers
 
     from qvpo.research.mpo import denoiser_distance
     from qvpo.rng import SeedRNG
@@ -303,7 +303,7 @@ def test_policy_penalty_gets_the_chosen_rows_only_and_none_changes_nothing(tiny,
     """policy_penalty sees exactly the chosen candidates' rows of the policy loss (B rows under
     'best', B * Nd under 'all'; never the Ne uniform rows), with their states; a hook returning
     None leaves the update's numbers and the agent's random stream as they are without it."""
-    from test_qvpo_agent import filled_buffers
+    from helpers import filled_buffers
 
     from qvpo.agents.base import AgentContext
     from qvpo.agents.qvpo import QVPO
@@ -340,7 +340,7 @@ def test_policy_penalty_gets_the_chosen_rows_only_and_none_changes_nothing(tiny,
 def test_the_trust_region_draws_from_its_own_stream(tiny):
     """With the M-step hook the agent's own random stream advances exactly as without it (the
     distance's (t, eps) come from the hook's stream)."""
-    from test_qvpo_agent import filled_buffers
+    from helpers import filled_buffers
 
     with_hook, without = _mstep_agent(epsilon=0.01), _mstep_agent()
     buffers_with, buffers_without = filled_buffers((0, 1)), filled_buffers((0, 1))

@@ -14,8 +14,9 @@ from qvpo.agents.ppo import PPO
 from qvpo.agents.spo import SPO
 from qvpo.errors import ConfigError
 from qvpo.normalize import ObsNormalizer, RewardScaler, RunningMeanStd
-from qvpo.rollout import Rollout, RolloutBuffer, gae
+from qvpo.rollout import RolloutBuffer, gae
 from qvpo.train import Trainer
+from helpers import synthetic_rollout
 from test_learning import random_policy_return
 
 
@@ -148,18 +149,6 @@ def test_reward_scaler_matches_a_step_by_step_wrapper():
     assert out[0, 0] == 10.0  # the first reward, scaled by an almost-zero std, hits the clip
 
 
-def _synthetic_rollout(seeds, T=8, S=3, A=2):
-    """A rollout whose seed k is seed-dependent random data (the same for k alone or batched)."""
-    parts = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(100 + s)
-        parts.append(Rollout(torch.randn(T, S, generator=g), torch.randn(T, A, generator=g),
-                             -torch.rand(T, generator=g) * 3, torch.randn(T, generator=g),
-                             torch.randn(T, generator=g), torch.zeros(T), (torch.arange(T) % 5 == 4).float(),
-                             torch.randn(T, generator=g)))
-    return Rollout(*(torch.stack(xs) for xs in zip(*parts)))
-
-
 def test_one_ppo_update_equals_the_loss_written_out():
     """One epoch, one minibatch = the whole rollout, no reward scaling or clipping of gradients:
     the update is one Adam step on L = clipped surrogate + 0.5 clipped value loss, computed here
@@ -168,7 +157,7 @@ def test_one_ppo_update_equals_the_loss_written_out():
 
     agent = PPO(AgentContext(3, 2, seeds=(0,)), rollout_steps=8, minibatch_size=8, epochs=1, actor_hidden=(8,), critic_hidden=(8,), normalize_reward=False, max_grad_norm=None, anneal_lr=False)
     net = copy.deepcopy(agent.net)
-    ro = _synthetic_rollout((0,))
+    ro = synthetic_rollout((0,))
     agent.update(ro, step=8)
 
     adv = gae(ro.reward, ro.value, ro.next_value, ro.terminal, ro.done, 0.99, 0.95)
@@ -194,7 +183,7 @@ def test_lr_anneals_linearly_to_zero_over_the_run():
     agent = PPO(AgentContext(3, 2, seeds=(4,), total_steps=32), rollout_steps=8, minibatch_size=4, epochs=2,
                 actor_hidden=(8,), critic_hidden=(8,))  # 4 iterations of 8 steps
     for it in range(4):
-        m = agent.update(_synthetic_rollout((4,)), step=8 * (it + 1))
+        m = agent.update(synthetic_rollout((4,)), step=8 * (it + 1))
         assert m["ppo/lr"] == pytest.approx(3e-4 * (1 - it / 4))
 
 

@@ -11,7 +11,7 @@ from qvpo.buffers import Batch
 from qvpo.diffusion import ddpm_sample_reference
 from qvpo.rng import SeedRNG, init_generators
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import filled_buffers
+from helpers import filled_buffers
 
 SMALL = dict(batch_size=8, actor_hidden=(16, 16), critic_hidden=(16, 16), time_dim=8, time_hidden=(16, 16))
 

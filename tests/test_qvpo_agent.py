@@ -3,9 +3,10 @@ import torch
 
 from qvpo.agents.base import AgentContext
 from qvpo.agents.qvpo import QVPO, best_of_candidates
-from qvpo.buffers import Batch, ReplayBuffer, SeedBuffers
+from qvpo.buffers import Batch
 from qvpo.errors import ConfigError
 from qvpo.schedules import Constant
+from helpers import filled_buffers
 
 
 class FixedPolicy:
@@ -29,18 +30,6 @@ def test_best_of_k_picks_the_argmax():
     best, q = best_of_candidates(FixedPolicy(cands), SumCritic(), torch.zeros(1, 2, 4), 3)
     torch.testing.assert_close(best, torch.tensor([[[0.9, 0.5], [0.6, 0.6]]]))
     torch.testing.assert_close(q, cands.sum(-1))
-
-
-def filled_buffers(seeds=(0,), obs_dim=3, act_dim=2, n=64):
-    bufs = []
-    for s in seeds:
-        buf = ReplayBuffer(obs_dim, act_dim, capacity=n)
-        g = torch.Generator().manual_seed(100 + s)
-        for _ in range(n):
-            buf.add(torch.randn(obs_dim, generator=g), torch.rand(act_dim, generator=g) * 2 - 1,
-                    1.0, torch.randn(obs_dim, generator=g), False)
-        bufs.append(buf)
-    return SeedBuffers(bufs, list(seeds))
 
 
 def test_policy_loss_gets_best_candidates_qadv_weights_and_entropy_rows(tiny):

@@ -3,7 +3,7 @@ import torch
 from qvpo.agents.base import AgentContext
 from qvpo.agents.td3 import TD3
 from test_learning import random_policy_return, train_on_pendulum
-from test_qvpo_agent import filled_buffers
+from helpers import filled_buffers
 
 
 def test_target_policy_smoothing_is_clipped():

@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from qvpo import sweep
 from qvpo.errors import ConfigError
+from qvpo.sweep import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG  # the tags the sweep writes
 
 RANDOM = "Random"  # algo tag of the uniformly random policy runs (normalisation's 0): always last
 DEFAULT_TREATMENT = "QVPO"  # the treatment of experiments without a recorded layout
 PAPER_ORDER = ("PPO", "SPO", "TD3", "SAC", "DIPO", "QSM", "QVPO")  # the paper's Table 1 column order
-TREATMENT_TAG = "qvpo.treatment"  # experiment tag: the treatment's label
-COLUMNS_TAG = "qvpo.columns"  # experiment tag: the column labels in order, a JSON list
-LAYOUT_SWEEP_TAG = "qvpo.layout_sweep"  # experiment tag: the sweep (Sweep.name) that recorded them
 _DEFAULTS = (f"{DEFAULT_TREATMENT} is the treatment, the paper's algorithms come in its Table 1 order "
              f"({', '.join(PAPER_ORDER)}), others after them alphabetically")
 
@@ -94,8 +93,6 @@ def from_tags(tags: dict) -> Layout | None:
 
 def from_spec(spec: str, experiment: str | None = None) -> Layout:
     """The layout of a sweep spec (a path or a shipped spec's name), checked like a sweep checks it."""
-    from qvpo import sweep
-
     s = sweep.load_spec(spec, [])
     columns, treatment = sweep.layout(s)
     if treatment is None:
