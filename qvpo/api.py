@@ -44,7 +44,8 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
         env: str | None = None, steps: int | None = None, seed: int | None = None,
         experiment: str | None = None, tracking_uri: str | None = None, device: str | None = None,
         quiet: bool = False, tags: dict[str, str] | None = None, checkpoint_dir: str | Path = "checkpoints",
-        resume: str | Path | None = None, handle_signals: bool | None = None) -> RunOutcome:
+        resume: str | Path | None = None, handle_signals: bool | None = None,
+        observers: list | tuple = ()) -> RunOutcome:
     """Train one agent on one task (one MLflow run per seed) and return the outcome.
 
     gin_files, bindings, algo: as `qvpo train --gin/--bind/--algo` (with algo, its
@@ -53,7 +54,10 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     checkpoint path; the run continues with its own config (only tracking_uri, checkpoint_dir and
     quiet apply: a given tracking_uri replaces the checkpoint's, for a store that moved; the run's
     files stay where its checkpoint is). handle_signals: SIGINT/SIGTERM checkpoint and stop the run
-    (None = when called from the main thread, where Python allows signal handlers). Raises
+    (None = when called from the main thread, where Python allows signal handlers). observers:
+    qvpo.observers.Observer objects the trainer hands its events to (give a resumed run the same
+    ones: their state is in its checkpoint; they watch only, the run's identity does not
+    include them). Raises
     ConfigError for bad input, before any run exists.
     """
     import gin
@@ -85,6 +89,8 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     # 2. build envs, buffers and agent (validates every value), check the store: still no run
     try:
         trainer = Trainer()
+        for observer in observers:
+            trainer.add_observer(observer)
         trackers = [MlflowTracker() for _ in trainer.seeds]
         if resumed is not None:
             trainer.load_state_dict(resumed["trainer"])

@@ -20,7 +20,15 @@ from qvpo.checkpoint import atomic_save
 
 
 class Observer:
-    """The hooks, all optional. `trainer` is the running qvpo.train.Trainer."""
+    """The hooks, all optional. `trainer` is the running qvpo.train.Trainer.
+
+    Attach one with `Trainer.add_observer` (or `qvpo.run(..., observers=[...])`). An observer
+    only watches: what it returns is logged, nothing it does changes what the run computes (so it
+    is no part of the run's identity). Its `state_dict` goes into the trainer's checkpoint under
+    the observer's `name` (the class name unless set), so a resumed run continues its episodes.
+    """
+
+    name: str | None = None  # its key in the trainer's checkpoint (None: the class name)
 
     def on_transition(self, trainer, k: int, obs: np.ndarray, action, reward: float) -> None:
         """Seed k took `action` in `obs` and got `reward`."""
@@ -35,6 +43,10 @@ class Observer:
     def on_end(self, trainer, k: int) -> None:
         """The run reached total_steps."""
 
+    def on_episode_restart(self, trainer, k: int) -> None:
+        """Seed k's episode was restarted without ending (a resumed env whose simulator state
+        cannot be restored): forget what was seen of it."""
+
     def state_dict(self):
         return None
 
@@ -47,7 +59,9 @@ class QBiasObserver(Observer):
     episode's states of min(Q1, Q2)(s_t, a_t) - G_t, with G_t the discounted Monte-Carlo return
     (only states whose return is complete: all after a termination, those at least
     log(0.01)/log(gamma) steps before a truncation), and `q/mc_return` = the mean of those G_t.
-    For agents with a twin Q critic (`agent.has_q_critic`)."""
+    For agents with a twin Q critic (`agent.has_q_critic`), discounting by `agent.gamma`."""
+
+    name = "q_bias"
 
     def __init__(self, num_seeds: int):
         self.episode = [([], [], []) for _ in range(num_seeds)]  # per seed: obs, actions, rewards
@@ -62,8 +76,8 @@ class QBiasObserver(Observer):
         ep_obs, ep_act, ep_rew = self.episode[k]
         self.episode[k] = ([], [], [])
         agent, device = trainer.agent, trainer.device
-        gamma = getattr(agent, "gamma", None)
-        n = q_bias_states(len(ep_rew), terminated, gamma) if gamma is not None else 0
+        gamma = agent.gamma
+        n = q_bias_states(len(ep_rew), terminated, gamma)
         if n == 0:
             return {}
         N = len(trainer.seeds)
@@ -75,6 +89,9 @@ class QBiasObserver(Observer):
         g = discounted_returns(np.asarray(ep_rew), gamma)[:n]
         q_k = q[k].double().cpu().numpy()
         return {"q/overestimation": float(np.mean(q_k - g)), "q/mc_return": float(np.mean(g))}
+
+    def on_episode_restart(self, trainer, k) -> None:
+        self.episode[k] = ([], [], [])
 
     def state_dict(self):
         return self.episode

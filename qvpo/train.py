@@ -234,8 +234,9 @@ class Trainer:
         self.obs: np.ndarray | None = None
         self.ep_return, self.ep_len = [0.0] * N, [0] * N
         # the critic's overestimation, only where there is a critic to compare with
-        self.q_bias = QBiasObserver(N) if q_bias and not self.agent.on_policy and self.agent.has_q_critic else None
-        self.observers: list[Observer] = [o for o in (self.q_bias,) if o is not None]
+        self.observers: list[Observer] = []
+        if q_bias and not self.agent.on_policy and self.agent.has_q_critic:
+            self.add_observer(QBiasObserver(N))
         self.stop_signal: int | None = None  # set by a signal handler: checkpoint and stop
         if self.agent.on_policy:  # rollouts instead of a replay buffer, no random warm-up
             require(self.warmup_steps == 0, f"{type(self.agent).__name__} is on-policy: it collects its own "
@@ -274,6 +275,15 @@ class Trainer:
         # per seed, the success rate of the episodes (None where the task defines no success)
         self.eval_success = [None if np.isnan(s).any() else float(s.mean()) for s in success]
         return returns.tolist()
+
+    def add_observer(self, observer: Observer) -> None:
+        """Hand the loops' events to `observer` too (qvpo.observers.Observer); before `run`, and
+        before `load_state_dict` for its state to be restored from a checkpoint."""
+        require(isinstance(observer, Observer), f"an observer must be a qvpo.observers.Observer, got {observer!r}")
+        name = _observer_name(observer)
+        require(name not in {_observer_name(o) for o in self.observers},
+                f"two observers named {name!r}: give one another `name` (its key in the checkpoint)")
+        self.observers.append(observer)
 
     # ------------------------------------------------------------------ the loops
     def run(self, logs: LogFn | list[LogFn] | None = None,
@@ -433,7 +443,7 @@ class Trainer:
             "eval_env_rngs": [[e.unwrapped.np_random.bit_generator.state for e in envs] for envs in self.eval_envs],
             "obs": None if self.obs is None else self.obs.copy(),
             "ep_return": list(self.ep_return), "ep_len": list(self.ep_len),
-            "episode": self.q_bias.state_dict() if self.q_bias else None,
+            "observers": {_observer_name(o): o.state_dict() for o in self.observers},
             "results": self.results, "acc": (dict(self.acc.sums), dict(self.acc.counts)),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -461,15 +471,18 @@ class Trainer:
                 env.unwrapped.np_random.bit_generator.state = r
         self.step, self.obs = state["step"], state["obs"]
         self.ep_return, self.ep_len = list(state["ep_return"]), list(state["ep_len"])
-        if self.q_bias is not None:
-            self.q_bias.load_state_dict(state.get("episode"))
+        saved = state.get("observers") or {}
+        if "observers" not in state and state.get("episode") is not None:  # checkpoints before named observers
+            saved = {QBiasObserver.name: state["episode"]}
+        for observer in self.observers:
+            observer.load_state_dict(saved.get(_observer_name(observer)))
         if restart and self.obs is not None:
             print(f"qvpo: {self.env_id} cannot restore its simulator state exactly; the episode restarts")
             for k in restart:
                 self.obs[k], _ = self.envs[k].reset()
                 self.ep_return[k], self.ep_len[k] = 0.0, 0
-                if self.q_bias is not None:
-                    self.q_bias.episode[k] = ([], [], [])
+                for observer in self.observers:
+                    observer.on_episode_restart(self, k)
         self.results = state["results"]
         sums, counts = state["acc"]
         if not isinstance(counts, dict):  # checkpoints before per-metric counts: one count for all
@@ -496,6 +509,10 @@ class Trainer:
     def close(self) -> None:
         for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:
             env.close()
+
+
+def _observer_name(observer: Observer) -> str:
+    return observer.name or type(observer).__name__
 
 
 class Interrupted(Exception):

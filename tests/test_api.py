@@ -7,6 +7,7 @@ import pytest
 
 import qvpo
 from qvpo.errors import ConfigError
+from qvpo.observers import Observer
 
 TINY = ["SAC.batch_size = 16", "SAC.hidden = (16, 16)", "SAC.warmup_steps = 100", "Trainer.eval_every = 200",
         "Trainer.eval_episodes = 1", "Trainer.log_every = 100", "ReplayBuffer.capacity = 1000",
@@ -19,10 +20,32 @@ def _history(uri, run_id, key="loss/critic"):
     return [(m.step, m.value) for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+class StepCounter(Observer):
+    """A user's observer: counts transitions, logs the count at each episode end, keeps it in
+    the checkpoint."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_transition(self, trainer, k, obs, action, reward):
+        self.seen += 1
+
+    def on_episode_end(self, trainer, k, terminated):
+        return {"test/transitions_seen": float(self.seen)}
+
+    def state_dict(self):
+        return self.seen
+
+    def load_state_dict(self, state):
+        self.seen = state
+
+
 def test_run_and_resume_through_the_python_api(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    counter = StepCounter()
     whole = qvpo.run([], TINY, algo="sac", env="Pendulum-v1", steps=400, tracking_uri=uri, quiet=True,
-                     checkpoint_dir=tmp_path / "a")
+                     checkpoint_dir=tmp_path / "a", observers=[counter])
+    assert counter.seen == 400
     assert whole.status == "FINISHED" and whole.exit_code == 0 and len(whole.run_ids) == 1
     assert [e.step for e in whole.results[0].evaluations] == [200, 400]
 
@@ -46,11 +69,15 @@ def test_run_and_resume_through_the_python_api(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module.Trainer, "__init__", remember)
     monkeypatch.setattr(train_module.MetricAccumulator, "pop", stop_at_300)
     stopped = qvpo.run([], TINY, algo="sac", env="Pendulum-v1", steps=400, tracking_uri=uri, quiet=True,
-                       checkpoint_dir=tmp_path / "b", handle_signals=False)
+                       checkpoint_dir=tmp_path / "b", handle_signals=False, observers=[StepCounter()])
     assert stopped.status == "KILLED" and stopped.exit_code == 128 + 15 and stopped.checkpoint.is_file()
     monkeypatch.undo()
-    resumed = qvpo.run(resume=stopped.run_ids[0], tracking_uri=uri, quiet=True, checkpoint_dir=tmp_path / "b")
-    assert resumed.status == "FINISHED" and resumed.run_ids == stopped.run_ids
+    counter = StepCounter()  # a fresh one: its count comes back from the checkpoint
+    resumed = qvpo.run(resume=stopped.run_ids[0], tracking_uri=uri, quiet=True, checkpoint_dir=tmp_path / "b",
+                       observers=[counter])
+    assert resumed.status == "FINISHED" and resumed.run_ids == stopped.run_ids and counter.seen == 400
+    assert _history(uri, resumed.run_ids[0], "test/transitions_seen") == \
+        _history(uri, whole.run_ids[0], "test/transitions_seen") == [(200, 200.0), (400, 400.0)]
     assert _history(uri, resumed.run_ids[0]) == _history(uri, whole.run_ids[0])
     assert _history(uri, resumed.run_ids[0], "eval/return_mean") == _history(uri, whole.run_ids[0], "eval/return_mean")
     assert not Path(stopped.checkpoint).exists()  # finished: removed
@@ -62,4 +89,7 @@ def test_bad_input_is_a_config_error_before_any_run(tmp_path):
         qvpo.run(["algos/qvpo.gin"], algo="sac", tracking_uri=uri)
     with pytest.raises(ConfigError, match="--resume continues a run with its own config"):
         qvpo.run(["algos/qvpo.gin"], resume="abc", tracking_uri=uri)
+    with pytest.raises(ConfigError, match="two observers named 'StepCounter'"):
+        qvpo.run([], TINY, algo="sac", env="Pendulum-v1", steps=400, tracking_uri=uri,
+                 observers=[StepCounter(), StepCounter()])
     assert not (tmp_path / "mlflow.db").exists()

@@ -161,14 +161,14 @@ def test_q_overestimation_against_hand_computed_returns():
 
     trainer.agent.q_estimate = fake_q
     rewards = [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    trainer.q_bias.episode[1] = ([np.full(3, t, np.float32) for t in range(10)], [np.zeros(1, np.float32)] * 10,
+    trainer.observers[0].episode[1] = ([np.full(3, t, np.float32) for t in range(10)], [np.zeros(1, np.float32)] * 10,
                                 rewards)
-    out = trainer.q_bias.on_episode_end(trainer, 1, terminated=False)  # truncated: the first 10 - 7 = 3 states count
+    out = trainer.observers[0].on_episode_end(trainer, 1, terminated=False)  # truncated: the first 10 - 7 = 3 states count
     g = discounted_returns(np.array(rewards), 0.5)[:3]
     assert out["q/overestimation"] == pytest.approx(5.0 - g.mean())
     assert out["q/mc_return"] == pytest.approx(g.mean())
     assert seen["obs"].shape == (2, 3, 3) and seen["obs"][1, 2, 0] == 2.0 and seen["obs"][0].abs().sum() == 0
-    assert trainer.q_bias.episode[1] == ([], [], [])
+    assert trainer.observers[0].episode[1] == ([], [], [])
     trainer.close()
     assert math.isfinite(out["q/overestimation"])
 

@@ -59,6 +59,8 @@ class Agent(abc.ABC):
       batch_size     the minibatch an off-policy update samples (the trainer waits until every
                      replay buffer holds that many transitions).
       has_q_critic   whether `q_estimate` exists (the trainer's overestimation measurement).
+      gamma          the discount (set by `_setup`): what the overestimation measurement
+                     discounts the Monte-Carlo returns with, for agents with a Q critic.
 
     Every quantity is batched over seeds: a metric is a tensor (N,) or a float, and an agent with
     seeds (a, b) computes exactly what two agents with seeds (a,) and (b,) compute
@@ -69,6 +71,7 @@ class Agent(abc.ABC):
     baseline = False
     warmup_steps: int = 0
     batch_size: int
+    gamma: float
 
     def __init__(self, context: AgentContext):
         require(len(context.seeds) >= 1, f"{type(self).__name__} needs at least one seed")
