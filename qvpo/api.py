@@ -38,6 +38,7 @@ class RunOutcome:
     experiment_id: str | None = None
     checkpoint: Path | None = None
     message: str = ""
+    tracking_uri: str | None = None  # the store the runs are in
 
 
 def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, algo: str | None = None,
@@ -63,7 +64,7 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     import gin
 
     from qvpo import config, identity
-    from qvpo.tracking import MlflowTracker, flat_params, run_tags
+    from qvpo.tracking import MlflowTracker, flat_params, run_link, run_tags
     from qvpo.train import Checkpointer, DivergenceError, Interrupted, Trainer
 
     # 1. config: files, then bindings, then shorthands (all before anything is built); a resumed
@@ -122,7 +123,7 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
     ckpt_path = None
     outcome = lambda status, code, **kw: RunOutcome(  # noqa: E731
         status, code, [t.run_id for t in started], list(trainer.seeds), experiment_id=trackers[0].experiment_id,
-        checkpoint=ckpt_path, **kw)
+        checkpoint=ckpt_path, tracking_uri=trackers[0].uri, **kw)
     try:
         if resumed is None:
             for tracker, s in zip(trackers, trainer.seeds):
@@ -144,7 +145,8 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
         for tracker, s in zip(trackers, trainer.seeds):
             tracker.set_tag("qvpo.checkpoint", str(ckpt_path))
             print(f"MLflow run {tracker.run_id} (seed {s}) in experiment {tracker.experiment!r} at "
-                  f"{tracker.uri}" + (f", resumed at env step {trainer.step}" if resumed else ""), file=sys.stderr)
+                  f"{tracker.uri}" + (f", resumed at env step {trainer.step}" if resumed else "")
+                  + f"; in the UI: {run_link(tracker.uri, tracker.experiment_id, tracker.run_id)}", file=sys.stderr)
         out_dirs = [run_dir / f"seed{s}" for s in trainer.seeds]
         checkpointer = Checkpointer(
             ckpt_path,

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace) -> int:
     from qvpo.api import run
-    from qvpo.tracking import ui_links
+    from qvpo.tracking import resolve_tracking_uri, run_link
 
     tags = {}
     for item in args.tag:
@@ -91,9 +91,11 @@ def train(args: argparse.Namespace) -> int:
     out = run(args.gin, args.bind, algo=args.algo, env=args.env, steps=args.steps, seed=args.seed,
               experiment=args.experiment, tracking_uri=args.tracking_uri, device=args.device, quiet=args.quiet,
               tags=tags, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
-    if out.status == "KILLED":
+    uri = out.tracking_uri or resolve_tracking_uri(args.tracking_uri)
+    if out.status in ("KILLED", "FAILED", "UNSENT"):
         for run_id in out.run_ids:
-            print(f"run_id: {run_id} (killed: {out.message})")
+            print(f"run_id: {run_id} ({out.status.lower()}: {out.message})")
+            print(f"in the MLflow UI: {run_link(uri, out.experiment_id, run_id)}")
     if out.status != "FINISHED":
         return out.exit_code
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
@@ -102,7 +104,7 @@ def train(args: argparse.Namespace) -> int:
             print(f"seed {seed}:")
         print_curve(result)
         print(f"run_id: {run_id}")
-        print(f"in the MLflow UI (qvpo ui): {ui_links('http://127.0.0.1:5000', out.experiment_id, run_id)['this run']}")
+        print(f"in the MLflow UI: {run_link(uri, out.experiment_id, run_id)}")
         print(f"final eval return: {fmt(result.final_eval)}")
         print(f"best eval return: {fmt(result.best_eval)}")
     return 0
@@ -125,14 +127,17 @@ def print_curve(result, max_rows: int = 20) -> None:
 def ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from qvpo.tracking import resolve_tracking_uri, ui_links
+    from qvpo.tracking import resolve_tracking_uri, tag_experiment_kind, ui_base, ui_links
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    base = f"http://127.0.0.1:{args.port}"
+    base = ui_base("", args.port)
     try:
         from mlflow.tracking import MlflowClient
 
-        exp = MlflowClient(uri).get_experiment_by_name(args.experiment)
+        client = MlflowClient(uri)
+        for experiment in client.search_experiments():  # open each in the model-training view
+            tag_experiment_kind(client, experiment)
+        exp = client.get_experiment_by_name(args.experiment)
     except Exception:  # noqa: BLE001 - the links are a convenience
         exp = None
     print(f"MLflow UI for {uri} at {base}")

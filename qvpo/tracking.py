@@ -98,6 +98,32 @@ def ui_links(base: str, experiment_id: str, run_id: str | None = None) -> dict[s
     return links
 
 
+def tag_experiment_kind(client, experiment) -> None:
+    """Mark an experiment (made before the tag, or by plain mlflow) as model training, where it
+    carries no kind yet (a kind someone set is left alone)."""
+    key, value = EXPERIMENT_KIND_TAG
+    if key not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+UI_PORT = 5000  # where `qvpo ui` / `make ui` serve a local store's UI
+
+
+def ui_base(tracking_uri: str, port: int = UI_PORT) -> str:
+    """Where the UI of a store is: an MLflow server serves its own; a local store (sqlite, files)
+    is served by `qvpo ui` on 127.0.0.1:port."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return f"http://127.0.0.1:{port}"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """One run's page in the UI's model-training view, said so a reader knows how to open it."""
+    link = ui_links(ui_base(tracking_uri), experiment_id, run_id)["this run"]
+    local = not tracking_uri.startswith(("http://", "https://"))
+    return link + (" (after `qvpo ui`)" if local else "")
+
+
 def search_all(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None):
     """Every run of an experiment that matches, across MLflow's result pages (1000 a page)."""
     token = None
@@ -191,6 +217,7 @@ class MlflowTracker:
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp:
+            tag_experiment_kind(self.client, exp)
             return exp.experiment_id
         try:
             return self.client.create_experiment(self.experiment, tags=dict([EXPERIMENT_KIND_TAG]))

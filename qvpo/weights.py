@@ -25,6 +25,10 @@ class QWeight(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Metrics of the last call, logged with the update's (e.g. MPO's temperature); none here."""
+        return {}
+
 
 @gin.configurable
 class QAdv(QWeight):

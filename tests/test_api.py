@@ -40,12 +40,14 @@ class StepCounter(Observer):
         self.seen = state
 
 
-def test_run_and_resume_through_the_python_api(tmp_path, monkeypatch):
+def test_run_and_resume_through_the_python_api(tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     counter = StepCounter()
     whole = qvpo.run([], TINY, algo="sac", env="Pendulum-v1", steps=400, tracking_uri=uri, quiet=True,
                      checkpoint_dir=tmp_path / "a", observers=[counter])
     assert counter.seen == 400
+    said = capsys.readouterr().err  # the run says where to see it: the UI's model-training view
+    assert f"/#/experiments/{whole.experiment_id}/runs/{whole.run_ids[0]}?workflowType=machine_learning" in said
     assert whole.status == "FINISHED" and whole.exit_code == 0 and len(whole.run_ids) == 1
     assert [e.step for e in whole.results[0].evaluations] == [200, 400]
 

@@ -176,3 +176,25 @@ def test_every_algorithm_writes_the_same_mlflow_record(tmp_path, monkeypatch, ca
     assert sorted(m.step for m in client.get_metric_history(run_id, "eval/return_mean")) == [150, 300]
     assert {f.path for f in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/best.pt",
                                                                               "checkpoints/final.pt"}
+
+
+def test_ui_links_open_the_model_training_view_where_the_store_is(tmp_path):
+    """Links go to MLflow 3's model-training view (workflowType=machine_learning) of the UI that
+    serves the store: an MLflow server's own address, `qvpo ui`'s for a local store."""
+    from mlflow.tracking import MlflowClient
+
+    from qvpo.tracking import MlflowTracker, run_link
+
+    view = "#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert run_link("http://mlflow.lab:8080/", "3", "abc") == f"http://mlflow.lab:8080/{view}"
+    assert run_link(f"sqlite:///{tmp_path}/x.db", "3", "abc") == f"http://127.0.0.1:5000/{view} (after `qvpo ui`)"
+    # experiments made before the tag (or by plain mlflow) are marked as model training when a
+    # run goes into them; a kind someone chose stays
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    plain = client.create_experiment("plain")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    MlflowTracker("plain", uri).check()
+    MlflowTracker("chosen", uri).check()
+    assert client.get_experiment(plain).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"

@@ -238,8 +238,7 @@ class QVPO(Agent):
         }
         if entropy is not None:
             metrics["entropy/estimate"] = entropy
-        if hasattr(self.q_weight, "metrics"):  # e.g. MPO's temperature
-            metrics.update(self.q_weight.metrics())
+        metrics.update(self.q_weight.metrics())  # e.g. MPO's temperature
         for hook in self.hooks:
             hook.after_update(self, buffers, step, metrics)
         return metrics
