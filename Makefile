@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install lock demo test test-lowest test-slow bench ui clean reproduce-table1 reproduce-cpu-scale reproduce-ablation-entropy-T \
+.PHONY: install lock demo test test-lowest test-slow bench ui reference clean reproduce-table1 reproduce-cpu-scale reproduce-ablation-entropy-T \
 	reproduce-ablation-kb-kt reproduce-ablation-weights reproduce-open-adaptive-entropy \
 	reproduce-open-components reproduce-open-adaptive-k reproduce-open-weight-variance reproduce-open-mpo \
 	reproduce-open-scaling reproduce-open-sparse
@@ -117,6 +117,13 @@ reproduce-open-sparse: install
 # MLflow UI on 127.0.0.1 against the default store (sqlite:///mlflow.db or $MLFLOW_TRACKING_URI).
 ui: install
 	$(BIN)/qvpo ui
+
+# The authors' code at the commit the parity tests compare with (tests/reference_import.py),
+# cloned into .reference/ (git-ignored; never part of the package).
+REFERENCE_COMMIT := 40a197473ecf68517b880cfc2c2ca4209f65c5ff
+reference:
+	test -d .reference/wadx2019-qvpo || git clone --quiet https://github.com/wadx2019/qvpo .reference/wadx2019-qvpo
+	git -C .reference/wadx2019-qvpo checkout --quiet $(REFERENCE_COMMIT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info

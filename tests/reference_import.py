@@ -3,8 +3,8 @@
 The reference is github.com/wadx2019/qvpo at commit 40a197473ecf68517b880cfc2c2ca4209f65c5ff (MIT
 licence). It is never copied into this repository: the tests import it from where it lies, found
 through the environment variable QVPO_REFERENCE (a path to a checkout), else
-`../shared/reference/wadx2019-qvpo` relative to the repository root. Where it is absent the parity
-tests skip with the reason `missing_reason` gives.
+`.reference/wadx2019-qvpo` in the repository root (what `make reference` clones; git-ignored).
+Where it is absent the parity tests skip with the reason `missing_reason` gives.
 
 Its `main.py` needs gym 0.21 and mujoco-py, which no longer install, so it is never imported: the
 argparse defaults (`readParser`) and the facts of its training loop the tests check are read from
@@ -32,11 +32,11 @@ MAIN_ARGV = ("--weighted", "--aug")
 
 
 def reference_root() -> Path:
-    """$QVPO_REFERENCE, else ../shared/reference/wadx2019-qvpo beside the repository root."""
+    """$QVPO_REFERENCE, else .reference/wadx2019-qvpo in the repository root (`make reference`)."""
     env = os.environ.get("QVPO_REFERENCE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "wadx2019-qvpo"
+    return Path(__file__).resolve().parents[1] / ".reference" / "wadx2019-qvpo"
 
 
 def missing_reason(root: Path) -> str | None:
@@ -44,8 +44,8 @@ def missing_reason(root: Path) -> str | None:
     missing = [f for f in FILES if not (root / f).is_file()]
     if not missing:
         return None
-    how = (f"a checkout of github.com/{REPO} at commit {COMMIT}; point QVPO_REFERENCE at it "
-           "(default: ../shared/reference/wadx2019-qvpo beside the repository root)")
+    how = (f"a checkout of github.com/{REPO} at commit {COMMIT}: `make reference` clones it into "
+           ".reference/wadx2019-qvpo, or point QVPO_REFERENCE at one")
     if not root.is_dir():
         return f"QVPO reference code not found at {root}: the parity tests need {how}"
     return f"QVPO reference code at {root} lacks {', '.join(missing)}: the parity tests need {how}"

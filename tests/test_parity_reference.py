@@ -18,7 +18,7 @@ same order. Compared:
 plus the trainer-level differences, checked as documented (docs/paper-notes.md#parity-with-the-reference-code).
 
 Every comparison runs with the native kernels (qvpo/native) and with torch ops. The reference is
-found via $QVPO_REFERENCE, else ../shared/reference/wadx2019-qvpo (tests/reference_import.py);
+found via $QVPO_REFERENCE, else .reference/wadx2019-qvpo (`make reference`; tests/reference_import.py);
 without it this module skips. Every `agent/...` and `main.py` line cited here is one of
 wadx2019/qvpo@40a1974 (github.com/wadx2019/qvpo, commit 40a197473ecf68517b880cfc2c2ca4209f65c5ff).
 
