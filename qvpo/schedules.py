@@ -10,8 +10,8 @@ from qvpo.errors import require
 
 @gin.configurable
 class Constant:
-    """omega_ent fixed; 0.01 is the value the paper's text gives for all tasks
-    (docs/paper-notes.md#entropy-weight-schedule)."""
+    """omega_ent fixed; 0.01 is the fixed weight taken as the paper's for all tasks
+    (docs/paper-notes.md#entropy-weight-schedule: not checked against its Table 3)."""
 
     def __init__(self, value: float = 0.01):
         require(value >= 0, f"Constant.value must be >= 0, got {value}")

@@ -29,8 +29,8 @@ the final action is clipped. `repeat_last_step` M repeats the t = 0 step M more 
 earlier learner's M, IDQL's repeat_last_step; 0 = off). It is the package's DiffusionPolicy
 with this agent's ScoreNet as its denoiser and that step (qvpo.diffusion.EpsStep).
 
-Versions: the QSM description this project started from (docs/paper-notes.md#qsm) is of an
-earlier learner of the same repository (commit 04a3920): loss -eps_theta . grad_a (Q1 + Q2), actor
+Versions: an earlier learner of the same repository (commit 04a3920,
+jaxrl5/agents/score_matching/score_matching_learner.py there; docs/paper-notes.md#qsm) has: loss -eps_theta . grad_a (Q1 + Q2), actor
 step first, an EMA actor (tau 0.001) for targets and acting, no target-action noise. That loss pushes eps_theta along +grad Q, so its
 sampler walks down Q; the released learner (the defaults here) matches -M_q grad Q instead.
 actor_tau = 0.001 and target_noise = 0 recover that version's sampling; gin/algos/qsm.gin

@@ -1,4 +1,5 @@
-"""Research add-ons around QVPO: the paper's open questions, each beside its mechanism.
+"""Research add-ons around QVPO: the open questions of docs/paper-notes.md#open-questions, each
+beside its mechanism.
 
 They attach to the agent through the hook interface of `qvpo.hooks` (nothing here is imported by
 the agent itself), and each module that answers an open question keeps the report section that

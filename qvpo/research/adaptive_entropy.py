@@ -1,4 +1,4 @@
-"""The adaptive entropy weight omega_ent of QVPO (ours; an open question of the paper: the
+"""The adaptive entropy weight omega_ent of QVPO (ours; open question 1 of the project's list: the
 entropy weight as a hand-set schedule, docs/paper-notes.md#open-questions;
 reproduce/open_adaptive_entropy).
 
@@ -46,7 +46,8 @@ class AdaptiveEntropyWeight(nn.Module, QVPOHook):
         per dimension at d = 6 for the uniform; tests/test_entropy.py): compare targets on its scale.
       lr: step size on log omega per update, per nat of gap (1e-4: a 1-nat gap moves omega by a
         factor e in 10k updates, 1% of a 1M-step run).
-      initial: omega at step 0 (0.01: the paper's text).
+      initial: omega at step 0 (0.01: the fixed weight taken as the paper's,
+        docs/paper-notes.md#entropy-weight-schedule).
       min_weight, max_weight: bounds on omega (1e-3, 0.1: around the reference decay's 0.002-0.02).
     """
 

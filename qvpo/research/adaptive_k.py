@@ -1,5 +1,5 @@
-"""Adaptive candidate numbers for QVPO's K-efficient policies (an open question of the paper:
-sensitivity to Kb / Kt and an adaptive choice of them).
+"""Adaptive candidate numbers for QVPO's K-efficient policies (ours; an open question of the
+project's list, docs/paper-notes.md#open-questions: sensitivity to Kb / Kt and an adaptive choice of them).
 
 K moves one step at a time within a small fixed set (1, 2, 4, 8, 16 by default), so the sampler
 sees only a handful of shapes (compiled graphs stay static). Both rules read signals the run

@@ -1,4 +1,4 @@
-"""Gradient-variance diagnostic of the Q-weightings (open question 3 of the QVPO paper,
+"""Gradient-variance diagnostic of the Q-weightings (open question 3 of the project's list,
 docs/paper-notes.md#open-questions: advantage versus raw Q as the weight;
 reproduce/open_weight_variance). Attached as a hook (qvpo.hooks):
 `QVPO.hooks = [@GradientVariance()]`, `GradientVariance.every = 10000`.

@@ -1,5 +1,5 @@
 """MPO's non-parametric E-step as the weight of the Q-weighted variational loss (open question 5
-of the QVPO paper: does the Q-weighted variational loss gain inside another policy-optimisation
+of the project's list, docs/paper-notes.md#open-questions: does the Q-weighted variational loss gain inside another policy-optimisation
 framework such as MPO?).
 
 The E-step (Abdolmaleki et al. 2018, "Maximum a Posteriori Policy Optimisation", ICLR 2018,
