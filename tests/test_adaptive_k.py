@@ -45,7 +45,7 @@ def test_smoothing_and_checks():
         BiasKt(low=0.5, high=0.1)
 
 
-def test_qvpo_moves_kb_and_kt_with_its_rules_and_checkpoints_them():
+def test_qvpo_moves_kb_and_kt_with_its_rules():
     from qvpo.agents.qvpo import QVPO
     from helpers import filled_buffers
 
@@ -61,10 +61,6 @@ def test_qvpo_moves_kb_and_kt_with_its_rules_and_checkpoints_them():
     assert agent.Kt == 4
     agent.observe_episode(0, {"q/overestimation": 80.0, "q/mc_return": 100.0})
     assert agent.Kt == 2
-    state = agent.state_dict()
-    other_rules = [SpreadKb(), BiasKt()]
-    other = QVPO(AgentContext(3, 2, seeds=(0,)), hooks=other_rules, **kw)
-    other.load_state_dict(state)
-    assert (other.Kb, other.Kt) == (16, 2) and other_rules[1].signal == rules[1].signal
+    # Kb, Kt and the rules' state through a checkpoint: the contract suite's `qvpo+adaptive-k` case
     with pytest.raises(ConfigError, match="seeds_per_process = 1"):
         QVPO(AgentContext(3, 2, seeds=(0, 1)), hooks=[SpreadKb()], **kw)
