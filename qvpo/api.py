@@ -88,16 +88,21 @@ def run(gin_files: list[str] | tuple = (), bindings: list[str] | tuple = (), *, 
         config.parse(list(gin_files), all_bindings, algo=algo)
 
     # 2. build envs, buffers and agent (validates every value), check the store: still no run
+    trainer = None
     try:
         trainer = Trainer()
+        if not isinstance(observers, (list, tuple)):
+            raise ConfigError(f"observers must be a list of qvpo.observers.Observer, got a {type(observers).__name__}")
         for observer in observers:
             trainer.add_observer(observer)
         trackers = [MlflowTracker() for _ in trainer.seeds]
         if resumed is not None:
             trainer.load_state_dict(resumed["trainer"])
-    except ConfigError:
-        raise
-    except (ValueError, TypeError, KeyError) as e:
+    except (ConfigError, ValueError, TypeError, KeyError) as e:
+        if trainer is not None:
+            trainer.close()  # its envs
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(("checkpoint does not fit this run: " if resumed else "") + one_line(e)) from None
     trackers[0].check()
     holding = trainer.checkpoint_every > 0

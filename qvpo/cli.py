@@ -135,11 +135,14 @@ def ui(args: argparse.Namespace) -> int:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        for experiment in client.search_experiments():  # open each in the model-training view
-            tag_experiment_kind(client, experiment)
         exp = client.get_experiment_by_name(args.experiment)
     except Exception:  # noqa: BLE001 - the links are a convenience
-        exp = None
+        client, exp = None, None
+    try:  # experiments without a kind (made before the tag, or by plain MLflow): model training
+        for experiment in client.search_experiments() if client is not None else ():
+            tag_experiment_kind(client, experiment)
+    except Exception:  # noqa: BLE001 - a read-only store keeps its experiments as they are
+        pass
     print(f"MLflow UI for {uri} at {base}")
     if exp is not None:
         for what, link in ui_links(base, exp.experiment_id).items():

@@ -34,6 +34,12 @@ NOT_IDENTITY = (
     "TwinQ.fused",
 )
 
+# experiment tags in which a sweep records its report's layout (qvpo.sweep.record_layout; read by
+# qvpo.report.layout): here, in a module both import, so neither imports the other for them
+TREATMENT_TAG = "qvpo.treatment"  # the treatment's label
+COLUMNS_TAG = "qvpo.columns"  # the column labels in order, a JSON list
+LAYOUT_SWEEP_TAG = "qvpo.layout_sweep"  # the sweep (Sweep.name) that recorded them
+
 CELL_TAG = "qvpo.cell_identity"
 PLANNED_TAG = "qvpo.planned_identity"  # a sweep's expectation: the run refuses to start if it differs
 # the seeds are not part of a cell's identity: a run's identity is its cell's plus its seed

@@ -29,6 +29,10 @@ class Observer:
     """
 
     name: str | None = None  # its key in the trainer's checkpoint (None: the class name)
+    # whether its episode metrics are handed to the agent's observe_episode with the trainer's own
+    # (True only for the package's measurements that agents read, e.g. q/overestimation for
+    # adaptive Kt); a watching observer's are logged, and never override the trainer's
+    feeds_agent: bool = False
 
     def on_transition(self, trainer, k: int, obs: np.ndarray, action, reward: float) -> None:
         """Seed k took `action` in `obs` and got `reward`."""
@@ -51,7 +55,7 @@ class Observer:
         return None
 
     def load_state_dict(self, state) -> None:
-        pass
+        """The `state_dict` a checkpoint holds for it (not called when the checkpoint has none)."""
 
 
 class QBiasObserver(Observer):
@@ -62,6 +66,7 @@ class QBiasObserver(Observer):
     For agents with a twin Q critic (`agent.has_q_critic`), discounting by `agent.gamma`."""
 
     name = "q_bias"
+    feeds_agent = True  # adaptive Kt (qvpo.research.adaptive_k.BiasKt) reads q/overestimation
 
     def __init__(self, num_seeds: int):
         self.episode = [([], [], []) for _ in range(num_seeds)]  # per seed: obs, actions, rewards

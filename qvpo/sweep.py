@@ -28,12 +28,8 @@ from qvpo import identity
 from qvpo.config import find_gin_file
 from qvpo.errors import ConfigError, one_line, require, require_int
 from qvpo.envs import check_env_id
+from qvpo.identity import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG  # the report's layout, recorded by the sweep
 from qvpo.tracking import search_all
-
-# experiment tags in which a sweep records its report's layout (record_layout; qvpo.report.layout reads them)
-TREATMENT_TAG = "qvpo.treatment"  # the treatment's label
-COLUMNS_TAG = "qvpo.columns"  # the column labels in order, a JSON list
-LAYOUT_SWEEP_TAG = "qvpo.layout_sweep"  # the sweep (Sweep.name) that recorded them
 
 
 @gin.configurable

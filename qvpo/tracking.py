@@ -121,7 +121,7 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """One run's page in the UI's model-training view, said so a reader knows how to open it."""
     link = ui_links(ui_base(tracking_uri), experiment_id, run_id)["this run"]
     local = not tracking_uri.startswith(("http://", "https://"))
-    return link + (" (after `qvpo ui`)" if local else "")
+    return link + (" (after `qvpo ui`, on its default port)" if local else "")
 
 
 def search_all(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None):

@@ -279,7 +279,8 @@ class Trainer:
     def add_observer(self, observer: Observer) -> None:
         """Hand the loops' events to `observer` too (qvpo.observers.Observer); before `run`, and
         before `load_state_dict` for its state to be restored from a checkpoint."""
-        require(isinstance(observer, Observer), f"an observer must be a qvpo.observers.Observer, got {observer!r}")
+        require(isinstance(observer, Observer),
+                f"an observer must be a qvpo.observers.Observer, got a {type(observer).__name__}")
         name = _observer_name(observer)
         require(name not in {_observer_name(o) for o in self.observers},
                 f"two observers named {name!r}: give one another `name` (its key in the checkpoint)")
@@ -379,10 +380,12 @@ class Trainer:
                 metrics = {"train/episode_return": self.ep_return[k], "train/episode_length": self.ep_len[k]}
                 if "is_success" in self._infos[k]:  # the task's success flag at the episode's end
                     metrics["train/success"] = float(self._infos[k]["is_success"])
+                watched = {}  # what the watching-only observers add: logged, never shown to the agent
                 for observer in self._observers:
-                    metrics.update(observer.on_episode_end(self, k, bool(terminated[k])))
+                    out = observer.on_episode_end(self, k, bool(terminated[k]))
+                    (metrics if observer.feeds_agent else watched).update(out)
                 self.agent.observe_episode(k, metrics)
-                self._logs[k](metrics, step)
+                self._logs[k]({**watched, **metrics}, step)
                 with self.timer.phase("env"):
                     self._next_obs[k], _ = env.reset()
                 self.ep_return[k], self.ep_len[k] = 0.0, 0
@@ -474,8 +477,9 @@ class Trainer:
         saved = state.get("observers") or {}
         if "observers" not in state and state.get("episode") is not None:  # checkpoints before named observers
             saved = {QBiasObserver.name: state["episode"]}
-        for observer in self.observers:
-            observer.load_state_dict(saved.get(_observer_name(observer)))
+        for observer in self.observers:  # one the checkpoint has no state for starts afresh
+            if _observer_name(observer) in saved:
+                observer.load_state_dict(saved[_observer_name(observer)])
         if restart and self.obs is not None:
             print(f"qvpo: {self.env_id} cannot restore its simulator state exactly; the episode restarts")
             for k in restart:

@@ -34,8 +34,7 @@ from qvpo.research.adaptive_k import BiasKt, SpreadKb
 from qvpo.research.gradient_variance import GradientVariance
 from qvpo.research.mpo import MPOEStep, MStepTrustRegion
 from conftest import TINY
-from helpers import synthetic_rollout
-from helpers import filled_buffers
+from helpers import filled_buffers, synthetic_rollout
 
 S, A = 3, 2  # observation and action sizes of every case
 SEEDS = (3, 4)
@@ -268,6 +267,8 @@ def test_record_shape(name):
         assert agent.value(obs[:, 0]).shape == (len(seeds),)
     else:
         assert isinstance(agent.batch_size, int) and agent.warmup_steps >= 0
+    if agent.has_q_critic:  # what the overestimation measurement reads
+        assert 0 <= agent.gamma <= 1 and agent.q_estimate(obs, action).shape == (len(seeds), 6)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -187,7 +187,7 @@ def test_ui_links_open_the_model_training_view_where_the_store_is(tmp_path):
 
     view = "#/experiments/3/runs/abc?workflowType=machine_learning"
     assert run_link("http://mlflow.lab:8080/", "3", "abc") == f"http://mlflow.lab:8080/{view}"
-    assert run_link(f"sqlite:///{tmp_path}/x.db", "3", "abc") == f"http://127.0.0.1:5000/{view} (after `qvpo ui`)"
+    assert run_link(f"sqlite:///{tmp_path}/x.db", "3", "abc") == f"http://127.0.0.1:5000/{view} (after `qvpo ui`, on its default port)"
     # experiments made before the tag (or by plain mlflow) are marked as model training when a
     # run goes into them; a kind someone chose stays
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -184,6 +184,43 @@ def test_q_overestimation_is_logged_at_episode_ends():
     assert [s for s, _ in logged] == [200, 400]  # Pendulum: 200-step episodes, truncated
 
 
+def test_a_watching_observer_is_logged_but_never_reaches_the_agent():
+    """A user's observer returning a name the trainer measures (q/overestimation, which adaptive
+    Kt reads) neither overrides the trainer's value in the log nor what the agent is shown; its
+    own metrics are logged; a checkpoint without its state leaves it as it was."""
+    from qvpo.observers import Observer
+
+    class Meddler(Observer):
+        def __init__(self):
+            self.episodes = 0
+
+        def on_episode_end(self, trainer, k, terminated):
+            self.episodes += 1
+            return {"q/overestimation": 999.0, "test/episodes": float(self.episodes)}
+
+        def state_dict(self):
+            return self.episodes
+
+        def load_state_dict(self, state):
+            self.episodes = state
+
+    gin.parse_config(["Trainer.env_id = 'Pendulum-v1'", "Trainer.agent = @SAC", "Trainer.progress = False",
+                      "Trainer.total_steps = 400", "Trainer.warmup_steps = 100", "Trainer.eval_every = 400",
+                      "Trainer.eval_episodes = 1", "SAC.gamma = 0.5", "SAC.batch_size = 16", "SAC.hidden = (8,)"])
+    trainer = Trainer()
+    fresh_state = trainer.state_dict()  # before the observer: no state for it
+    trainer.add_observer(Meddler())
+    shown, logged = [], []
+    trainer.agent.observe_episode = lambda k, metrics: shown.append(dict(metrics))
+    trainer.run(lambda m, step: logged.append(m) if "train/episode_return" in m else None)
+    assert [m["test/episodes"] for m in logged] == [1.0, 2.0]
+    assert all(m["q/overestimation"] != 999.0 for m in logged + shown)
+    assert all("test/episodes" not in m for m in shown) and len(shown) == 2
+    trainer.load_state_dict(fresh_state)
+    assert trainer.observers[-1].episodes == 2  # nothing saved for it: kept, not set to None
+    trainer.close()
+
+
 def test_evaluation_seeds_are_independent_across_training_seeds():
     """No two training seeds share an evaluation episode's seed (with seed + 10000 + i, seed 0's
     env 1 was seed 1's env 0), and the trainer's evaluation envs use exactly these seeds."""

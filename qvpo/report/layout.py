@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from qvpo import sweep
 from qvpo.errors import ConfigError
-from qvpo.sweep import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG  # the tags the sweep writes
+from qvpo.identity import COLUMNS_TAG, LAYOUT_SWEEP_TAG, TREATMENT_TAG  # the tags the sweep writes
 
 RANDOM = "Random"  # algo tag of the uniformly random policy runs (normalisation's 0): always last
 DEFAULT_TREATMENT = "QVPO"  # the treatment of experiments without a recorded layout
@@ -93,6 +92,8 @@ def from_tags(tags: dict) -> Layout | None:
 
 def from_spec(spec: str, experiment: str | None = None) -> Layout:
     """The layout of a sweep spec (a path or a shipped spec's name), checked like a sweep checks it."""
+    from qvpo import sweep  # (the spec reader builds configs: only when a spec is given)
+
     s = sweep.load_spec(spec, [])
     columns, treatment = sweep.layout(s)
     if treatment is None:
