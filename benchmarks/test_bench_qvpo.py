@@ -13,19 +13,15 @@ import torch
 from qvpo.agents.base import AgentContext
 from qvpo.agents.qvpo import QVPO
 from qvpo.agents.sac import SAC
-from qvpo.buffers import ReplayBuffer, SeedBuffers
+from qvpo.buffers import SeedBuffers
 from qvpo.envs import make_env
+from qvpo.reproduce.costing import random_buffer
 
 OBS, ACT = 11, 3  # Hopper-v5
 
 
 def _buffers():
-    buf = ReplayBuffer(OBS, ACT, capacity=20_000)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5_000):
-        buf.add(torch.randn(OBS, generator=g), torch.rand(ACT, generator=g) * 2 - 1,
-                1.0, torch.randn(OBS, generator=g), False)
-    return SeedBuffers([buf], [0])
+    return SeedBuffers([random_buffer(OBS, ACT, 5_000, reward=1.0)], [0])
 
 
 @pytest.fixture(scope="module")

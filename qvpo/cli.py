@@ -127,10 +127,10 @@ def print_curve(result, max_rows: int = 20) -> None:
 def ui(args: argparse.Namespace) -> int:
     import subprocess
 
-    from qvpo.tracking import resolve_tracking_uri, tag_experiment_kind, ui_base, ui_links
+    from qvpo.tracking import local_ui, resolve_tracking_uri, tag_experiment_kind, ui_links
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    base = ui_base("", args.port)
+    base = local_ui(args.port)
     try:
         from mlflow.tracking import MlflowClient
 

@@ -34,6 +34,11 @@ class Observer:
     # adaptive Kt); a watching observer's are logged, and never override the trainer's
     feeds_agent: bool = False
 
+    @property
+    def key(self) -> str:
+        """Its key in the trainer's checkpoint: `name`, else the class name."""
+        return self.name or type(self).__name__
+
     def on_transition(self, trainer, k: int, obs: np.ndarray, action, reward: float) -> None:
         """Seed k took `action` in `obs` and got `reward`."""
 

@@ -109,19 +109,22 @@ def tag_experiment_kind(client, experiment) -> None:
 UI_PORT = 5000  # where `qvpo ui` / `make ui` serve a local store's UI
 
 
-def ui_base(tracking_uri: str, port: int = UI_PORT) -> str:
-    """Where the UI of a store is: an MLflow server serves its own; a local store (sqlite, files)
-    is served by `qvpo ui` on 127.0.0.1:port."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
+def is_server(tracking_uri: str) -> bool:
+    """Whether the store is an MLflow tracking server (else a local store: sqlite, files)."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def local_ui(port: int = UI_PORT) -> str:
+    """The address `qvpo ui` serves a store's UI at."""
     return f"http://127.0.0.1:{port}"
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """One run's page in the UI's model-training view, said so a reader knows how to open it."""
-    link = ui_links(ui_base(tracking_uri), experiment_id, run_id)["this run"]
-    local = not tracking_uri.startswith(("http://", "https://"))
-    return link + (" (after `qvpo ui`, on its default port)" if local else "")
+    """One run's page in the UI's model-training view: on the server itself when the store is
+    one, else where `qvpo ui` serves it (said, so a reader knows how to open it)."""
+    if is_server(tracking_uri):
+        return ui_links(tracking_uri.rstrip("/"), experiment_id, run_id)["this run"]
+    return ui_links(local_ui(), experiment_id, run_id)["this run"] + " (after `qvpo ui`, on its default port)"
 
 
 def search_all(client, experiment_id: str, filter_string: str = "", order_by: list[str] | None = None):
@@ -199,7 +202,7 @@ class MlflowTracker:
 
     def check(self) -> str:
         """Fail fast (ConfigError) if the store cannot be reached; returns the experiment id."""
-        if self.uri.startswith(("http://", "https://")):  # MLflow's client would retry for minutes
+        if is_server(self.uri):  # MLflow's client would retry for minutes
             import urllib.error
             import urllib.request
 

@@ -281,9 +281,8 @@ class Trainer:
         before `load_state_dict` for its state to be restored from a checkpoint."""
         require(isinstance(observer, Observer),
                 f"an observer must be a qvpo.observers.Observer, got a {type(observer).__name__}")
-        name = _observer_name(observer)
-        require(name not in {_observer_name(o) for o in self.observers},
-                f"two observers named {name!r}: give one another `name` (its key in the checkpoint)")
+        require(observer.key not in {o.key for o in self.observers},
+                f"two observers named {observer.key!r}: give one another `name` (its key in the checkpoint)")
         self.observers.append(observer)
 
     # ------------------------------------------------------------------ the loops
@@ -446,7 +445,7 @@ class Trainer:
             "eval_env_rngs": [[e.unwrapped.np_random.bit_generator.state for e in envs] for envs in self.eval_envs],
             "obs": None if self.obs is None else self.obs.copy(),
             "ep_return": list(self.ep_return), "ep_len": list(self.ep_len),
-            "observers": {_observer_name(o): o.state_dict() for o in self.observers},
+            "observers": {o.key: o.state_dict() for o in self.observers},
             "results": self.results, "acc": (dict(self.acc.sums), dict(self.acc.counts)),
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -478,8 +477,8 @@ class Trainer:
         if "observers" not in state and state.get("episode") is not None:  # checkpoints before named observers
             saved = {QBiasObserver.name: state["episode"]}
         for observer in self.observers:  # one the checkpoint has no state for starts afresh
-            if _observer_name(observer) in saved:
-                observer.load_state_dict(saved[_observer_name(observer)])
+            if observer.key in saved:
+                observer.load_state_dict(saved[observer.key])
         if restart and self.obs is not None:
             print(f"qvpo: {self.env_id} cannot restore its simulator state exactly; the episode restarts")
             for k in restart:
@@ -513,10 +512,6 @@ class Trainer:
     def close(self) -> None:
         for env in [*self.envs, *(e for envs in self.eval_envs for e in envs)]:
             env.close()
-
-
-def _observer_name(observer: Observer) -> str:
-    return observer.name or type(observer).__name__
 
 
 class Interrupted(Exception):

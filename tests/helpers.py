@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from qvpo.buffers import ReplayBuffer, SeedBuffers
+from qvpo.buffers import SeedBuffers
+from qvpo.reproduce.costing import random_buffer
 from qvpo.rollout import Rollout
 
 
 def filled_buffers(seeds=(0,), obs_dim=3, act_dim=2, n=64) -> SeedBuffers:
     """One replay buffer per seed, holding n random transitions drawn from that seed's generator."""
-    bufs = []
-    for s in seeds:
-        buf = ReplayBuffer(obs_dim, act_dim, capacity=n)
-        g = torch.Generator().manual_seed(100 + s)
-        for _ in range(n):
-            buf.add(torch.randn(obs_dim, generator=g), torch.rand(act_dim, generator=g) * 2 - 1,
-                    1.0, torch.randn(obs_dim, generator=g), False)
-        bufs.append(buf)
-    return SeedBuffers(bufs, list(seeds))
+    return SeedBuffers([random_buffer(obs_dim, act_dim, n, generator_seed=100 + s, reward=1.0) for s in seeds],
+                       list(seeds))
 
 
 def synthetic_rollout(seeds, T=8, S=3, A=2) -> Rollout:

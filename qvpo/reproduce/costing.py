@@ -12,16 +12,26 @@ from pathlib import Path
 import torch
 
 
-def filled_buffers(obs_dim: int, action_dim: int, n: int = 2048):
-    """One seed's replay buffer holding n random transitions of these sizes (fixed generator)."""
-    from qvpo.buffers import ReplayBuffer, SeedBuffers
+def random_buffer(obs_dim: int, action_dim: int, n: int = 2048, generator_seed: int = 0, reward: float = 0.0):
+    """A replay buffer holding n random transitions of these sizes (normal observations, uniform
+    actions in [-1, 1], a constant reward, no terminals), drawn from a generator seeded with
+    `generator_seed`: the same data every time (the cost scripts, benchmarks and tests time and
+    check updates on it)."""
+    from qvpo.buffers import ReplayBuffer
 
     buf = ReplayBuffer(obs_dim, action_dim, capacity=n)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(generator_seed)
     for _ in range(n):
-        buf.add(torch.randn(obs_dim, generator=g), torch.rand(action_dim, generator=g) * 2 - 1, 0.0,
+        buf.add(torch.randn(obs_dim, generator=g), torch.rand(action_dim, generator=g) * 2 - 1, reward,
                 torch.randn(obs_dim, generator=g), False)
-    return SeedBuffers([buf], [0])
+    return buf
+
+
+def filled_buffers(obs_dim: int, action_dim: int, n: int = 2048):
+    """One seed's replay buffers (seed 0) holding n random transitions of these sizes."""
+    from qvpo.buffers import SeedBuffers
+
+    return SeedBuffers([random_buffer(obs_dim, action_dim, n)], [0])
 
 
 def cpu_name() -> str:
